@@ -1,0 +1,5 @@
+import sys
+
+from dermray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""Typed, validated experiment configuration.
+
+One YAML file per experiment (``jobs/configs/*.yaml``) fills these models; ``--set dotted.key=value`` overrides
+any field; unknown keys and bad values are refused with one line naming the key. The resolved config is saved
+beside every run (``config.yaml``) so a run can be reproduced and a checkpoint served.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dermray import storage
+from dermray.errors import DermrayError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    """Train-time augmentation strengths: plain numbers so that Ray Tune can search them."""
+
+    crop: Literal["rrc", "esteva"] = "rrc"
+    """rrc: random resized crop; esteva: rotate by any angle, crop the largest inscribed upright rectangle."""
+    scale_min: float = Field(0.35, gt=0.0, le=1.0)
+    """Smallest crop area, as a fraction of the image, for the random resized crop."""
+    rotation_degrees: float = Field(0.0, ge=0.0, le=180.0)
+    """Rotation drawn from [-r, r]; 180 means any angle (the Esteva recipe)."""
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    vflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: float = Field(0.1, ge=0.0, le=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    saturation: float = Field(0.1, ge=0.0, le=1.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5)
+
+
+class DataConfig(_Strict):
+    manifest: str | None = None
+    """Manifest URI written by ``dermray stage``; none means the embedded synthetic dataset (staged once)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    resize_ratio: float = Field(0.875, gt=0.0, le=1.0)
+    """Eval preset: shorter side resized to image_size / resize_ratio, then centre-cropped."""
+    augment: AugmentConfig = AugmentConfig()
+    read_threads: int = Field(8, ge=1, le=64)
+    """Concurrent object reads inside one Ray Data map task (hides S3 latency)."""
+    prefetch_batches: int = Field(2, ge=0, le=64)
+
+
+class ModelConfig(_Strict):
+    backbone: str = "resnet18"
+    image_size: int | None = Field(None, ge=32, le=1024)
+    """Input side in pixels; none means the backbone's default (299 for inception_v3, else 224)."""
+    weights: str | None = None
+    """ImageNet weights: a local file or storage URI (.pth/.pt state dict or .safetensors); none = random init."""
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    """Total epochs, phase 1 (head only) included."""
+    head_epochs: int = Field(0, ge=0)
+    """Phase 1: epochs training only the new head on the frozen backbone (0 skips the phase)."""
+    head_lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate of phase 2 (the whole network fine-tuned), at the start of its schedule."""
+    batch_size: int = Field(32, ge=1)
+    """Per-worker batch size."""
+    optimizer: Literal["adamw", "sgd", "rmsprop"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    rmsprop_alpha: float = Field(0.9, gt=0.0, lt=1.0)
+    """RMSProp decay (Esteva: 0.9)."""
+    rmsprop_eps: float = Field(0.1, gt=0.0)
+    """RMSProp epsilon (Esteva: 0.1)."""
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    step_epochs: int = Field(30, ge=1)
+    """Step schedule: decay every this many epochs."""
+    step_gamma: float = Field(1 / 16, gt=0.0, le=1.0)
+    """Step schedule: multiply the lr by this (Esteva: 1/16 every 30 epochs)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    imbalance: Literal["weighted_loss", "balanced_sampling", "none"] = "weighted_loss"
+    """Class imbalance: inverse-frequency loss weights, or sampling each class equally often."""
+    aux_loss_weight: float = Field(0.4, ge=0.0)
+    """Inception v3 auxiliary head loss weight."""
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """auto: bf16 autocast on GPU, off on CPU."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> "TrainConfig":
+        if self.head_epochs > self.epochs:
+            raise ValueError(f"head_epochs ({self.head_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    data_cpus: float = Field(1.0, ge=0.0)
+    """CPUs kept free for Ray Data's read/decode tasks; workers shrink to fit on small machines (no deadlock)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+
+
+class RunConfig(_Strict):
+    name: str = "default"
+    storage: str = "./dermray-store/runs"
+    """Where runs, checkpoints and metrics go: a local path or s3://bucket/prefix."""
+    max_failures: int = Field(2, ge=-1)
+    """Worker failures survived by restarting from the latest checkpoint (-1: unlimited)."""
+    checkpoints_to_keep: int = Field(2, ge=1)
+    """Top-k retention, ranked by validation balanced accuracy."""
+
+
+class Config(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
+    @property
+    def image_size(self) -> int:
+        from dermray.models import BACKBONES
+
+        if self.model.image_size is not None:
+            return self.model.image_size
+        spec = BACKBONES.get(self.model.backbone)
+        return spec.default_image_size if spec else 224
+
+    @model_validator(mode="after")
+    def _known_backbone(self) -> "Config":
+        from dermray.models import BACKBONES
+
+        if self.model.backbone not in BACKBONES:
+            raise ValueError(
+                f"model.backbone: unknown backbone '{self.model.backbone}'; choose one of: {', '.join(BACKBONES)}"
+            )
+        return self
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or first["type"] == "extra_forbidden" else f" (got {value!r})"
+    more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
+    return f"config: {where}: {message}{shown}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML, so numbers, booleans and null work)."""
+    if "=" not in text:
+        raise DermrayError(f"--set '{text}': expected dotted.key=value, e.g. --set train.epochs=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise DermrayError(f"--set {text}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise DermrayError(_one_line(error)) from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The config from a YAML file (local path or storage URI), with ``--set`` overrides applied."""
+    data: dict = {}
+    if path:
+        if not storage.exists(path):
+            raise DermrayError(f"config: file not found: {path}")
+        try:
+            data = yaml.safe_load(storage.read_text(path)) or {}
+        except yaml.YAMLError as error:
+            raise DermrayError(f"config: {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise DermrayError(f"config: {path} must hold a mapping of sections (data, model, train, ...)")
+        data.pop("tune", None)  # the sweep section is read by `dermray tune`, not by a single run
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

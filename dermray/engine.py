@@ -1,0 +1,151 @@
+"""Plain PyTorch training pieces (no Ray here): optimizers, schedules, one epoch of training, evaluation.
+
+``train_one_epoch`` and ``evaluate`` take any iterable of ``{"image": uint8 NHWC, "label": int64}`` batches,
+so they run the same under Ray Train, in a benchmark, or in a unit test with a list of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dermray.config import TrainConfig
+from dermray.ingest import normalize_on_device
+from dermray.models import split_logits
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    if cfg.optimizer == "rmsprop":
+        # Esteva et al.: RMSProp, decay 0.9, momentum 0.9, epsilon 0.1.
+        return torch.optim.RMSprop(
+            params, lr=lr, alpha=cfg.rmsprop_alpha, eps=cfg.rmsprop_eps, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of a phase's base learning rate after ``step`` optimizer steps of ``total_steps``."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** (step // (cfg.step_epochs * max(steps_per_epoch, 1)))
+    if cfg.schedule == "onecycle":
+        # Linear warm-up over the first 25% to the peak, then cosine annealing to 1/1000 of it.
+        if progress < 0.25:
+            return 0.04 + 0.96 * progress / 0.25
+        return 1e-3 + (1 - 1e-3) * 0.5 * (1.0 + math.cos(math.pi * (progress - 0.25) / 0.75))
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch)
+    )
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); full precision on CPU unless asked."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    criterion: nn.Module,
+    device: torch.device,
+    amp: str = "auto",
+    aux_loss_weight: float = 0.4,
+    after_train_mode=None,
+) -> EpochStats:
+    """One pass over ``batches``; returns the mean loss and the images/s of this worker."""
+    model.train()
+    if after_train_mode is not None:
+        after_train_mode(model)  # e.g. keep a frozen backbone's BatchNorm statistics fixed
+    channels_last = device.type == "cuda"
+    total_loss, seen, started = 0.0, 0, time.perf_counter()
+    for batch in batches:
+        images = normalize_on_device(batch["image"], device, channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            logits, aux = split_logits(model(images))
+            loss = criterion(logits.float(), labels)
+            if aux is not None:
+                loss = loss + aux_loss_weight * criterion(aux.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+    return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, K), labels (N,)) over ``batches``, in eval mode."""
+    model.eval()
+    channels_last = device.type == "cuda"
+    probs, labels = [], []
+    for batch in batches:
+        images = normalize_on_device(batch["image"], device, channels_last)
+        with autocast_for(device, amp):
+            logits, _ = split_logits(model(images))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+    if not probs:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """accuracy, balanced accuracy (mean recall over the classes present: the ISIC 2019 metric), log loss, and
+    macro one-vs-rest ROC AUC over the classes present (when at least two are)."""
+    from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
+
+    if len(labels) == 0:
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "loss": float("nan")}
+    predicted = probs.argmax(axis=1)
+    all_classes = list(range(num_classes))
+    metrics = {
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "loss": float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=all_classes)),
+    }
+    present = np.unique(labels)
+    if len(present) >= 2:
+        if num_classes == 2:
+            metrics["roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
+            metrics["roc_auc"] = float(np.mean(aucs))
+    return metrics

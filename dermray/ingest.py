@@ -1,0 +1,115 @@
+"""Ray Data ingest: manifest rows -> image bytes from storage -> decode -> augment -> uint8 batches.
+
+Batches are dicts ``{"image": uint8 array (N, H, W, 3), "label": int64 (N,)}``: NHWC because that is how
+Pillow lays pixels out, and because ``x.permute(0, 3, 1, 2)`` of an NHWC tensor is exactly a channels-last
+NCHW tensor, the fast layout for convolutions on GPUs. Normalisation happens on the device
+(``normalize_on_device``), so the host ships a quarter of the bytes that float32 would take.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from dermray import storage
+from dermray.config import AugmentConfig
+from dermray.imaging import UnreadableImage, decode_rgb
+from dermray.manifest import Manifest
+from dermray.transforms import EvalPreset, TrainPreset, decode_size_hint
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_preset(image_size: int, augment: AugmentConfig) -> TrainPreset:
+    return TrainPreset(image_size=image_size, **augment.model_dump())
+
+
+@dataclass(frozen=True)
+class DecodeAndTransform:
+    """The per-batch map function: reads each image (threads hide storage latency), decodes it with Pillow's
+    draft mode at the size the preset needs, and applies the preset. Rows whose file became unreadable
+    since staging are dropped and logged with the reason, never fed with a wrong label."""
+
+    preset: TrainPreset | EvalPreset
+    read_threads: int = 8
+
+    def _load(self, uri: str) -> np.ndarray | str:
+        try:
+            image = decode_rgb(storage.read_bytes(uri), min_side=decode_size_hint(self.preset))
+        except (UnreadableImage, OSError) as error:
+            return f"{type(error).__name__}: {error}"
+        # Fresh OS entropy per image: Ray worker processes would otherwise repeat the same augmentations.
+        rng = np.random.default_rng() if isinstance(self.preset, TrainPreset) else None
+        return self.preset(image, rng)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with ThreadPoolExecutor(min(self.read_threads, len(batch["image_uri"]))) as pool:
+            results = list(pool.map(self._load, batch["image_uri"]))
+        keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+        for i, r in enumerate(results):
+            if isinstance(r, str):
+                log.warning("dermray ingest: skipped %s (%s)", os.path.basename(str(batch["image_uri"][i])), r)
+        size = self.preset.image_size
+        images = np.stack([results[i] for i in keep]) if keep else np.zeros((0, size, size, 3), np.uint8)
+        return {"image": images, "label": batch["label"][keep].astype(np.int64)}
+
+
+def balanced_rows(table: pa.Table, num_classes: int, seed: int) -> pa.Table:
+    """Resample rows so every present class is equally frequent, keeping the epoch length (minority classes
+    oversampled, majority undersampled)."""
+    labels = table["label"].to_numpy()
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    per_class = max(1, len(labels) // len(present))
+    rng = np.random.default_rng(seed)
+    picks = [
+        rng.choice(np.flatnonzero(labels == c), size=per_class, replace=(labels == c).sum() < per_class)
+        for c in present
+    ]
+    return table.take(pa.array(np.concatenate(picks)))
+
+
+def build_dataset(
+    manifest: Manifest,
+    split: str,
+    preset: TrainPreset | EvalPreset,
+    read_threads: int = 8,
+    shuffle: bool = False,
+    balanced: bool = False,
+    seed: int = 0,
+):
+    """A Ray Data dataset of uint8 NHWC image batches and int64 labels for one split of a manifest."""
+    import ray
+
+    rows = manifest.split(split).select(["image_uri", "label"])
+    if rows.num_rows == 0:
+        from dermray.errors import DermrayError
+
+        raise DermrayError(f"manifest has no images in split '{split}' (splits: {sorted(set(manifest.table['split'].to_pylist()))})")
+    if balanced:
+        rows = balanced_rows(rows, len(manifest.classes), seed)
+    # Enough blocks for every CPU to decode in parallel, while keeping each task's overhead amortised.
+    blocks = max(1, min(rows.num_rows // 32, 64))
+    ds = ray.data.from_arrow(rows).repartition(blocks)
+    if shuffle:
+        # Shuffling the tiny manifest rows (not the decoded pixels) is cheap; it re-runs every epoch.
+        ds = ds.random_shuffle()
+    return ds.map_batches(DecodeAndTransform(preset, read_threads), batch_size=32, batch_format="numpy")
+
+
+def normalize_on_device(images, device, channels_last: bool = True):
+    """uint8 NHWC batch -> float NCHW normalised with the ImageNet statistics, on ``device``."""
+    import torch
+
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

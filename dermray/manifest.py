@@ -1,0 +1,99 @@
+"""The manifest: one Parquet table per dataset, one row per image, the single input of training.
+
+Columns: ``image_uri`` (full URI), ``label`` (int), ``label_name``, ``group_id`` (a salted hash of the lesion or
+patient id: it groups splits without exposing the identifier), ``split``, ``source``, ``width``, ``height``.
+The class list (index -> name, classes with no images included) and the taxonomy name travel in the Parquet
+schema metadata, so label ids mean the same thing everywhere the manifest goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dermray import storage
+from dermray.errors import DermrayError
+
+MANIFEST_NAME = "manifest.parquet"
+
+SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("label", pa.int32()),
+        ("label_name", pa.string()),
+        ("group_id", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+
+def hash_group(source: str, raw_group: str) -> str:
+    """A stable pseudonym for a lesion or patient id (the same id always maps to the same value)."""
+    return "g" + hashlib.sha256(f"dermray:{source}:{raw_group}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    table: pa.Table
+    classes: list[str]
+    source: str
+    taxonomy: str | None = None
+
+    def split(self, name: str) -> pa.Table:
+        return self.table.filter(pc.equal(self.table["split"], name))
+
+    def class_counts(self, split: str | None = None) -> dict[str, int]:
+        table = self.split(split) if split else self.table
+        counts = {name: 0 for name in self.classes}
+        for label in table["label"].to_pylist():
+            counts[self.classes[label]] += 1
+        return counts
+
+
+def manifest_uri(out: str) -> str:
+    """``<out>/manifest.parquet`` unless ``out`` already names a .parquet file."""
+    out = storage.normalize(out)
+    return out if out.endswith(".parquet") else storage.join(out, MANIFEST_NAME)
+
+
+def write_manifest(uri: str, manifest: Manifest) -> str:
+    """Write atomically: readers see the previous manifest or this one, never a partial file."""
+    metadata = {
+        b"dermray.classes": json.dumps(manifest.classes).encode(),
+        b"dermray.source": manifest.source.encode(),
+        b"dermray.taxonomy": (manifest.taxonomy or "").encode(),
+    }
+    table = manifest.table.cast(SCHEMA).replace_schema_metadata(metadata)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return storage.write_bytes(uri, buffer.getvalue())
+
+
+def read_manifest(uri: str) -> Manifest:
+    """Read a manifest written by ``dermray stage`` (a folder holding manifest.parquet, or the file)."""
+    uri = manifest_uri(uri)
+    if not storage.exists(uri):
+        raise DermrayError(f"manifest not found: {uri} (create it with `dermray stage ... --out <folder>`)")
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    except pa.ArrowInvalid as error:
+        raise DermrayError(f"manifest {uri} is not a readable Parquet file ({error})") from None
+    missing = [name for name in SCHEMA.names if name not in table.column_names]
+    meta = table.schema.metadata or {}
+    if missing or b"dermray.classes" not in meta:
+        raise DermrayError(f"{uri} is not a dermray manifest (missing {missing or 'class metadata'})")
+    return Manifest(
+        table=table.select(SCHEMA.names).replace_schema_metadata(None).cast(SCHEMA),
+        classes=json.loads(meta[b"dermray.classes"]),
+        source=meta.get(b"dermray.source", b"").decode(),
+        taxonomy=meta.get(b"dermray.taxonomy", b"").decode() or None,
+    )

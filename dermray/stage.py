@@ -1,0 +1,159 @@
+"""``dermray stage``: any source -> validated, split manifest in storage.
+
+Flow: the source lists labelled image records -> a Ray Data job opens every image (so validation scales out
+with the cluster) -> unreadable files become counted skips -> grouped, stratified, stable splits (keeping the
+previous manifest's assignments) -> ``<out>/manifest.parquet`` and ``<out>/skipped.csv`` written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from dermray import storage
+from dermray.errors import DermrayError
+from dermray.imaging import UnreadableImage, probe_image
+from dermray.manifest import Manifest, hash_group, manifest_uri, read_manifest, write_manifest
+from dermray.sources import SOURCES, Collected, SourceOptions
+from dermray.splits import SplitFractions, assign_splits
+
+SKIPPED_NAME = "skipped.csv"
+
+
+def _probe_one(uri: str) -> tuple[int, int, str]:
+    try:
+        data = storage.read_bytes(uri)
+    except (OSError, FileNotFoundError) as error:
+        return 0, 0, f"unreadable from storage ({type(error).__name__})"
+    try:
+        info = probe_image(data)
+    except UnreadableImage as error:
+        return 0, 0, str(error)
+    return info.width, info.height, ""
+
+
+def _probe_batch(batch: dict[str, np.ndarray], read_threads: int = 8) -> dict[str, np.ndarray]:
+    with ThreadPoolExecutor(read_threads) as pool:
+        results = list(pool.map(_probe_one, batch["image_uri"]))
+    return {
+        "index": batch["index"],
+        "width": np.array([r[0] for r in results], dtype=np.int32),
+        "height": np.array([r[1] for r in results], dtype=np.int32),
+        "reason": np.array([r[2] for r in results], dtype=object),
+    }
+
+
+def probe_images(uris: list[str]) -> list[tuple[int, int, str]]:
+    """(width, height, skip reason or "") for every image, computed by a Ray Data job."""
+    import ray
+
+    from dermray.ray_runtime import ensure_ray
+
+    if not uris:
+        return []
+    ensure_ray()
+    items = [{"index": i, "image_uri": uri} for i, uri in enumerate(uris)]
+    blocks = max(1, min(len(items) // 64, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(_probe_batch, batch_size=64)
+    results: list[tuple[int, int, str]] = [(0, 0, "not probed")] * len(uris)
+    for row in ds.iter_rows():
+        results[int(row["index"])] = (int(row["width"]), int(row["height"]), str(row["reason"]))
+    return results
+
+
+def _write_skipped(uri: str, skipped: list[tuple[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "reason"])
+    writer.writerows(skipped)
+    return storage.write_text(uri, buffer.getvalue())
+
+
+def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFractions(), seed: int = 0) -> dict:
+    """Stage a dataset into ``<opts.out>/manifest.parquet`` and return the JSON summary."""
+    if source not in SOURCES:
+        raise DermrayError(f"stage: unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
+    started = time.monotonic()
+    out = storage.normalize(opts.out)
+    collected: Collected = SOURCES[source](opts)
+    skipped = list(collected.skipped)
+
+    probes = probe_images([r.image_uri for r in collected.records])
+    kept, sizes = [], []
+    for record, (width, height, reason) in zip(collected.records, probes):
+        if reason:
+            skipped.append((record.image_uri, reason))
+        else:
+            kept.append(record)
+            sizes.append((width, height))
+    if not kept:
+        report_uri = _write_skipped(storage.join(out, SKIPPED_NAME), skipped)
+        raise DermrayError(
+            f"stage {source}: no readable, labelled image left ({len(skipped)} skipped; reasons in {report_uri})"
+        )
+
+    class_index = {name: i for i, name in enumerate(collected.classes)}
+    labels = [class_index[r.label_name] for r in kept]
+    groups = [hash_group(source, r.group) for r in kept]
+    uris = [r.image_uri for r in kept]
+    if all(r.split for r in kept):
+        splits = [r.split for r in kept]
+    else:
+        previous, previous_groups = _previous_assignments(out)
+        splits = assign_splits(uris, labels, groups, fractions, seed, previous, previous_groups)
+
+    table = pa.table(
+        {
+            "image_uri": uris,
+            "label": pa.array(labels, pa.int32()),
+            "label_name": [r.label_name for r in kept],
+            "group_id": groups,
+            "split": splits,
+            "source": [source] * len(kept),
+            "width": pa.array([w for w, _ in sizes], pa.int32()),
+            "height": pa.array([h for _, h in sizes], pa.int32()),
+        }
+    )
+    manifest = Manifest(table, collected.classes, source, collected.taxonomy)
+    uri = write_manifest(manifest_uri(out), manifest)
+    report = skipped + [(u, "image file not named in the labels file (unlisted)") for u in collected.unlisted]
+    skipped_uri = _write_skipped(storage.join(out, SKIPPED_NAME), report)
+
+    split_counts = Counter(splits)
+    summary = {
+        "manifest": uri,
+        "source": source,
+        "images": len(kept),
+        "skipped": len(skipped),
+        "unlisted": len(collected.unlisted),
+        "skipped_reasons": dict(Counter(_reason_kind(reason) for _, reason in skipped)),
+        "skipped_report": skipped_uri,
+        "classes": collected.classes,
+        "splits": {name: split_counts.get(name, 0) for name in sorted(split_counts)},
+        "per_class": {split: manifest.class_counts(split) for split in sorted(split_counts)},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    storage.write_text(storage.join(out, "stage_summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def _reason_kind(reason: str) -> str:
+    """Reasons grouped for the summary (the full text, with the file, is in skipped.csv)."""
+    return reason.split(" (")[0].split(":")[0].split("'")[0].strip()
+
+
+def _previous_assignments(out: str) -> tuple[dict[str, str], dict[str, str]]:
+    uri = manifest_uri(out)
+    if not storage.exists(uri):
+        return {}, {}
+    old = read_manifest(uri).table
+    images = dict(zip(old["image_uri"].to_pylist(), old["split"].to_pylist()))
+    groups = dict(zip(old["group_id"].to_pylist(), old["split"].to_pylist()))
+    return images, groups

@@ -1,0 +1,177 @@
+"""One URI layer over local paths, ``file://`` and ``s3://``, on pyarrow filesystems.
+
+Every command reads and writes through these functions, so local folders and S3 (or any S3-compatible
+endpoint) are one code path. S3 endpoint, region and credentials come from the standard AWS environment
+variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which ``FileSystem.from_uri`` honours.
+
+Atomicity: an S3 object becomes visible only when its upload completes, so a plain PUT is atomic. On a local
+filesystem a write goes to a temporary file in the same folder and is then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import uuid
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from dermray.errors import DermrayError
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def normalize(uri: str) -> str:
+    """Canonical spelling: ``s3://bucket/key`` for S3, an absolute path for local files."""
+    uri = str(uri)
+    if is_s3(uri):
+        return "s3://" + uri[5:].strip("/")
+    if uri.startswith("file://"):
+        uri = uri[7:]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URI (``/`` separators for S3, the OS's for local paths)."""
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+    return os.path.join(base, *parts)
+
+
+def parent(uri: str) -> str:
+    if is_s3(uri):
+        return posixpath.dirname(uri.rstrip("/"))
+    return os.path.dirname(uri.rstrip(os.sep))
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/")) if is_s3(uri) else os.path.basename(uri.rstrip(os.sep))
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(bucket: str) -> pafs.FileSystem:
+    # Cached per process: building an S3FileSystem resolves credentials and the region, which costs a
+    # round trip; map tasks call read_bytes thousands of times.
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}")
+    return fs
+
+
+_LOCAL = pafs.LocalFileSystem()
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for a URI."""
+    uri = normalize(uri)
+    if is_s3(uri):
+        bucket_and_key = uri[5:]
+        bucket = bucket_and_key.split("/", 1)[0]
+        if not bucket:
+            raise DermrayError(f"storage: '{uri}' names no bucket")
+        return _s3_filesystem(bucket), bucket_and_key
+    return _LOCAL, uri
+
+
+def storage_path_for_ray(uri: str) -> str:
+    """The spelling Ray Train's ``RunConfig(storage_path=...)`` wants: ``s3://...`` or an absolute path."""
+    return normalize(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(uri: str) -> bool:
+    """True for a local folder or an S3 prefix holding at least one object."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        return True
+    if is_s3(uri) and info.type == pafs.FileType.NotFound:
+        # Some S3 stores have no directory markers: look for any object under the prefix.
+        selector = pafs.FileSelector(path.rstrip("/") + "/", allow_not_found=True, recursive=False)
+        return len(fs.get_file_info(selector)) > 0
+    return False
+
+
+def size(uri: str) -> int:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).size
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    """Write ``data`` to ``uri`` atomically (readers see the old object or the new one, never half)."""
+    uri = normalize(uri)
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return uri
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return uri
+
+
+def write_text(uri: str, text: str) -> str:
+    return write_bytes(uri, text.encode("utf-8"))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(uri: str, recursive: bool = True) -> Iterator[str]:
+    """Every file under a folder or prefix, as full URIs, in sorted order."""
+    uri = normalize(uri)
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
+    infos = [info for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
+    for info in sorted(infos, key=lambda i: i.path):
+        yield ("s3://" + info.path) if is_s3(uri) else info.path
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Immediate sub-folders (or sub-prefixes) of a folder, as full URIs, sorted."""
+    uri = normalize(uri)
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
+    dirs = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.Directory]
+    return sorted(("s3://" + d) if is_s3(uri) else d for d in dirs)

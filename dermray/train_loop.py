@@ -1,0 +1,181 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+Ray is touched only at the edges: the dataset shards, ``prepare_model`` (DDP), the distributed gather of
+validation predictions, and ``ray.train.report`` with a checkpoint. Everything in between is ``dermray.engine``.
+
+Two phases (the VGG16 transfer-learning recipe): epochs ``[0, head_epochs)`` train only the new head on the
+frozen backbone at ``head_lr``; the rest fine-tune everything at ``lr``. Each phase has its own optimizer and
+schedule; a checkpoint stores the current phase's, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from dermray.config import Config
+from dermray.engine import build_optimizer, build_scheduler, classification_metrics, predict, train_one_epoch
+from dermray.models import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def _phase(epoch: int, config: Config) -> str:
+    return "head" if epoch < config.train.head_epochs else "full"
+
+
+def _gather_predictions(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every worker's validation predictions, on every worker (so all ranks report identical metrics)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return probs, labels
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (probs, labels))
+    parts = [g for g in gathered if len(g[1])]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
+
+
+def _sum_over_workers(value: float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def _save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, epoch: int, phase: str,
+                     loop_config: dict, metrics: dict, history: list) -> None:
+    """Everything needed to resume (weights, optimizer, schedule, epoch) and to serve (classes, taxonomy,
+    config), as plain tensors and containers that ``torch.load(weights_only=True)`` accepts."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "phase": phase,
+        "classes": loop_config["classes"],
+        "taxonomy": loop_config["taxonomy"],
+        "config": loop_config["config"],
+        "history": history,
+    }
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    meta = {"epoch": epoch, "phase": phase, "backbone": loop_config["config"]["model"]["backbone"],
+            "classes": loop_config["classes"], "taxonomy": loop_config["taxonomy"], "metrics": metrics}
+    with open(os.path.join(directory, META_FILE), "w") as handle:
+        json.dump(meta, handle, indent=2)
+
+
+def _log(message: str) -> None:
+    # stderr: stdout carries only the command's final JSON summary line.
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = Config.model_validate(loop_config["config"])
+    classes: list[str] = loop_config["classes"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.train.seed)
+    if device.type == "cpu" and loop_config.get("torch_threads"):
+        torch.set_num_threads(loop_config["torch_threads"])
+
+    model = build_model(config.model.backbone, len(classes), config.model.weights)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    start_epoch, resume_state, history = 0, None, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume_state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(resume_state["model"])
+        start_epoch = resume_state["epoch"] + 1
+        history = list(resume_state.get("history", []))
+        if rank == 0:
+            _log(f"[dermray] resuming after epoch {start_epoch} of {config.train.epochs} from {checkpoint.path}")
+
+    weights = loop_config.get("class_weights")
+    criterion = nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
+        label_smoothing=config.train.label_smoothing,
+    )
+    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (config.train.batch_size * context.get_world_size())))
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    pin = device.type == "cuda"
+
+    def batches(shard, drop_last: bool):
+        return shard.iter_torch_batches(
+            batch_size=config.train.batch_size, prefetch_batches=config.data.prefetch_batches,
+            dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu", pin_memory=pin,
+            drop_last=drop_last,
+        )
+
+    phase, ddp_model, optimizer, scheduler = None, None, None, None
+    run_started = time.perf_counter()
+    for epoch in range(start_epoch, config.train.epochs):
+        if _phase(epoch, config) != phase:
+            phase = _phase(epoch, config)
+            head_only = phase == "head"
+            set_backbone_trainable(model, config.model.backbone, trainable=not head_only)
+            params = head_parameters(model, config.model.backbone) if head_only else list(model.parameters())
+            lr = config.train.head_lr if head_only else config.train.lr
+            phase_epochs = config.train.head_epochs if head_only else config.train.epochs - config.train.head_epochs
+            optimizer = build_optimizer(params, config.train, lr)
+            scheduler = build_scheduler(optimizer, config.train, phase_epochs * steps_per_epoch, steps_per_epoch)
+            if resume_state is not None and resume_state["phase"] == phase:
+                optimizer.load_state_dict(resume_state["optimizer"])
+                scheduler.load_state_dict(resume_state["scheduler"])
+            # DDP registers gradient hooks for the parameters trainable when it wraps: re-wrap per phase.
+            ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+        frozen_bn = (lambda m: freeze_batchnorm_stats(m, config.model.backbone)) if phase == "head" else None
+        stats = train_one_epoch(
+            ddp_model, batches(train_shard, drop_last=True), optimizer, scheduler, criterion, device,
+            config.train.amp, config.train.aux_loss_weight, after_train_mode=frozen_bn,
+        )
+        probs, labels = predict(ddp_model, batches(val_shard, drop_last=False), device, config.train.amp)
+        probs, labels = _gather_predictions(probs, labels)
+        val = classification_metrics(probs, labels, len(classes))
+        images = _sum_over_workers(stats.images)
+        train_loss = _sum_over_workers(stats.loss * stats.images) / max(images, 1)
+        metrics = {
+            "epoch": epoch + 1,
+            "phase": phase,
+            "train_loss": round(train_loss, 5),
+            "images_per_s": round(images / max(stats.seconds, 1e-9), 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "val_images": int(len(labels)),
+            **{f"val_{k}": round(v, 5) for k, v in val.items()},
+        }
+        history.append(metrics)
+        done = epoch + 1 - start_epoch
+        eta = (time.perf_counter() - run_started) / done * (config.train.epochs - epoch - 1)
+        if rank == 0:
+            _log(
+                f"[dermray] epoch {epoch + 1}/{config.train.epochs} ({phase}) train_loss {train_loss:.4f} "
+                f"val_loss {val['loss']:.4f} val_acc {val['accuracy']:.3f} val_bacc {val['balanced_accuracy']:.3f}"
+                + (f" val_auc {val['roc_auc']:.3f}" if "roc_auc" in val else "")
+                + f" | {metrics['images_per_s']:.0f} img/s | ETA {eta:.0f}s"
+            )
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint_out = None
+            if rank == 0:
+                _save_checkpoint(directory, model, optimizer, scheduler, epoch, phase, loop_config, metrics, history)
+                checkpoint_out = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint_out)

@@ -1,0 +1,160 @@
+"""The driver of ``dermray train``: builds the datasets and the ``TorchTrainer``, runs it, and summarises.
+
+It never trains itself: it sizes the workers to the cluster (keeping CPUs for Ray Data, so small machines
+do not deadlock), points Ray Train at ``run.storage`` (local or ``s3://``) under ``run.name`` so a relaunch
+resumes from the latest checkpoint, and reads the result back into one JSON-able summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+
+from dermray import storage
+from dermray.config import Config, to_yaml
+from dermray.errors import DermrayError
+from dermray.ingest import build_dataset, train_preset
+from dermray.manifest import Manifest, manifest_uri, read_manifest
+from dermray.taxonomy import taxonomy_tree
+from dermray.train_loop import META_FILE, train_loop_per_worker
+from dermray.transforms import EvalPreset
+
+SCORE = "val_balanced_accuracy"
+
+
+def embedded_manifest(config: Config) -> str:
+    """The embedded default's data: the synthetic dataset, staged once next to the run store."""
+    from dermray.sources import SourceOptions
+    from dermray.stage import stage
+
+    out = storage.join(storage.parent(storage.normalize(config.run.storage)), "datasets", "synthetic")
+    if not storage.exists(manifest_uri(out)):
+        print(f"[dermray] staging the embedded synthetic dataset into {out}", file=sys.stderr, flush=True)
+        stage("synthetic", SourceOptions(out=out, images_per_class=150, image_size=96, seed=0))
+    return manifest_uri(out)
+
+
+def class_weights(manifest: Manifest, split: str) -> list[float]:
+    """Inverse-frequency weights, mean 1 over the present classes (absent classes weigh 0)."""
+    counts = Counter(manifest.split(split)["label"].to_pylist())
+    present = [c for c in range(len(manifest.classes)) if counts[c]]
+    total = sum(counts.values())
+    return [total / (len(present) * counts[c]) if counts[c] else 0.0 for c in range(len(manifest.classes))]
+
+
+def worker_resources(config: Config) -> tuple[dict, int]:
+    """Resources per worker and torch threads: on a CPU cluster, workers shrink so that ``data_cpus`` CPUs
+    stay free for Ray Data's read and decode tasks (2 workers x 1 CPU on a 2-CPU node would hang forever)."""
+    import ray
+
+    scaling = config.scaling
+    if scaling.use_gpu:
+        return {"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker}, max(1, int(scaling.cpus_per_worker))
+    total = ray.cluster_resources().get("CPU", 1.0)
+    free_for_workers = max(total - scaling.data_cpus, 0.1 * scaling.num_workers)
+    cpus = min(scaling.cpus_per_worker, free_for_workers / scaling.num_workers)
+    return {"CPU": round(cpus, 3)}, max(1, round(cpus))
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The checkpoint Ray Train will resume from: the one holding the highest epoch under the run folder."""
+    if not storage.exists(run_uri):
+        return None
+    best_epoch, best = -1, None
+    for directory in storage.list_dirs(run_uri):
+        meta = storage.join(directory, META_FILE)
+        if storage.basename(directory).startswith("checkpoint") and storage.exists(meta):
+            epoch = json.loads(storage.read_text(meta))["epoch"]
+            if epoch > best_epoch:
+                best_epoch, best = epoch, directory
+    return best
+
+
+def train(config: Config) -> dict:
+    """Run (or resume) the training described by ``config``; returns the JSON summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dermray.ray_runtime import ensure_ray
+
+    started = time.monotonic()
+    ensure_ray()
+    manifest_location = config.data.manifest or embedded_manifest(config)
+    manifest = read_manifest(manifest_location)
+    size = config.image_size
+    augment_preset = train_preset(size, config.data.augment)
+    eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)
+    balanced = config.train.imbalance == "balanced_sampling"
+    datasets = {
+        "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
+                               shuffle=True, balanced=balanced, seed=config.train.seed),
+        "val": build_dataset(manifest, config.data.val_split, eval_preset, config.data.read_threads),
+    }
+    run_uri = storage.join(storage.normalize(config.run.storage), config.run.name)
+    resumed_from = latest_checkpoint(run_uri)
+    storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
+
+    resources, threads = worker_resources(config)
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "classes": manifest.classes,
+        "taxonomy": taxonomy_tree(manifest.taxonomy, manifest.classes),
+        "class_weights": class_weights(manifest, config.data.train_split)
+        if config.train.imbalance == "weighted_loss" else None,
+        "train_rows": manifest.split(config.data.train_split).num_rows,
+        "torch_threads": threads,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+            resources_per_worker=resources, placement_strategy=config.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=storage.storage_path_for_ray(config.run.storage),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.run.checkpoints_to_keep, checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise DermrayError(f"training failed: {str(error).strip().splitlines()[0]}") from None
+    return summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location))
+
+
+def _checkpoint_uri(checkpoint, run_uri: str) -> str:
+    # Ray reports paths without the scheme for S3 (bucket/key): give users a URI they can pass back.
+    return storage.join(run_uri, storage.basename(checkpoint.path))
+
+
+def summarize(result, run_uri: str, resumed_from: str | None, seconds: float, manifest: str) -> dict:
+    best = max(
+        (pair for pair in (result.best_checkpoints or []) if SCORE in pair[1]),
+        key=lambda pair: pair[1][SCORE],
+        default=None,
+    )
+    checkpoint, metrics = best if best else (result.checkpoint, result.metrics or {})
+    if checkpoint is None:
+        raise DermrayError(f"training produced no checkpoint under {run_uri}")
+    last = result.metrics or metrics
+    return {
+        "checkpoint": _checkpoint_uri(checkpoint, run_uri),
+        "metrics": {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
+        | {"epoch": metrics.get("epoch")},
+        "epochs_completed": last.get("epoch"),
+        "resumed_from": resumed_from,
+        "latest_checkpoint": _checkpoint_uri(result.checkpoint, run_uri) if result.checkpoint else None,
+        "run": run_uri,
+        "manifest": manifest,
+        "images_per_s": last.get("images_per_s"),
+        "seconds": round(seconds, 1),
+    }

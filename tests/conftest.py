@@ -1,0 +1,90 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto's threaded server), a real local Ray instance, and the
+real dermoscopy data in ../shared/data (tests needing it skip with the reason when it is absent).
+
+Order matters: the S3 variables are set before Ray starts, because Ray's worker processes inherit the
+environment of the driver at ``ray.init``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("DERMRAY_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def data_path(*parts: str) -> Path:
+    """A path under the real data folder, or a skip that says what is missing and how to provide it."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found: {path} (set DERMRAY_TEST_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on 127.0.0.1, reached through the standard AWS_* environment variables."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "AKIDERMRAYTESTKEY0001",
+            "AWS_SECRET_ACCESS_KEY": "dermray-test-secret-do-not-print",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture
+def bucket(s3_client) -> str:
+    """A fresh, empty bucket per test."""
+    name = f"dermray-test-{uuid.uuid4().hex[:10]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint, tmp_path_factory):
+    """One real local Ray instance for the session: 2 CPUs, a capped object store."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=600 * 1024 * 1024,
+            include_dashboard=True,
+            logging_level="WARNING",
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+def upload_folder(s3_client, bucket: str, prefix: str, folder: Path, limit: int | None = None) -> list[str]:
+    """Upload the files of a local folder to s3://bucket/prefix/ (sorted, at most ``limit``)."""
+    keys = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file())[:limit]:
+        key = f"{prefix}/{path.name}"
+        s3_client.upload_file(str(path), bucket, key)
+        keys.append(key)
+    return keys
