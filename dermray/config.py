@@ -16,6 +16,9 @@ from dermray import storage
 from dermray.errors import DermrayError
 
 
+EMBEDDED_IMAGE_SIZE = 64
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -53,18 +56,19 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
     image_size: int | None = Field(None, ge=32, le=1024)
-    """Input side in pixels; none means the backbone's default (299 for inception_v3, else 224)."""
+    """Input side in pixels; none means the backbone's default (299 for inception_v3, else 224), or 64 px for the
+    embedded synthetic dataset."""
     weights: str | None = None
     """ImageNet weights: a local file or storage URI (.pth/.pt state dict or .safetensors); none = random init."""
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(8, ge=1)
     """Total epochs, phase 1 (head only) included."""
     head_epochs: int = Field(0, ge=0)
     """Phase 1: epochs training only the new head on the frozen backbone (0 skips the phase)."""
     head_lr: float = Field(1e-3, gt=0.0)
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(2e-3, gt=0.0)
     """Learning rate of phase 2 (the whole network fine-tuned), at the start of its schedule."""
     batch_size: int = Field(32, ge=1)
     """Per-worker batch size."""
@@ -75,7 +79,7 @@ class TrainConfig(_Strict):
     """RMSProp decay (Esteva: 0.9)."""
     rmsprop_eps: float = Field(0.1, gt=0.0)
     """RMSProp epsilon (Esteva: 0.1)."""
-    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "onecycle"
     step_epochs: int = Field(30, ge=1)
     """Step schedule: decay every this many epochs."""
     step_gamma: float = Field(1 / 16, gt=0.0, le=1.0)
@@ -129,6 +133,8 @@ class Config(_Strict):
 
         if self.model.image_size is not None:
             return self.model.image_size
+        if self.data.manifest is None:
+            return EMBEDDED_IMAGE_SIZE  # the embedded synthetic lesions are small: 64 px keeps it minutes on a CPU
         spec = BACKBONES.get(self.model.backbone)
         return spec.default_image_size if spec else 224
 
@@ -140,19 +146,22 @@ class Config(_Strict):
             raise ValueError(
                 f"model.backbone: unknown backbone '{self.model.backbone}'; choose one of: {', '.join(BACKBONES)}"
             )
+        minimum = BACKBONES[self.model.backbone].min_image_size
+        if self.image_size < minimum:
+            raise ValueError(f"model.image_size: {self.model.backbone} trains at {minimum} px or more")
         return self
 
 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "config"
-    message = first["msg"]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     value = first.get("input")
     shown = "" if isinstance(value, dict) or first["type"] == "extra_forbidden" else f" (got {value!r})"
     more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
-    return f"config: {where}: {message}{shown}{more}"
+    return f"config: {where + ': ' if where else ''}{message}{shown}{more}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

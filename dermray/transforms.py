@@ -1,0 +1,311 @@
+"""Train and eval image presets: PIL RGB image in, HWC uint8 array of a fixed square size out.
+
+Augmentation strengths are plain numbers (so Ray Tune can search them), and all randomness comes from an
+explicit ``numpy.random.Generator``: Ray worker processes forked from one parent would otherwise share torch's
+default seed and repeat the same "random" augmentations in every worker.
+
+Geometry is one resampling step: a crop window (centre, size, angle) in the source image is mapped straight to
+the output square with Pillow's antialiased bilinear resize, so a 600x450 or draft-decoded photo is never
+rotated or resized twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+CROPS = ("rrc", "esteva")
+
+
+def largest_inscribed_rect(width: float, height: float, angle_degrees: float) -> tuple[int, int]:
+    """Width and height of the largest-area axis-aligned rectangle that fits inside a ``width`` x ``height``
+    rectangle rotated by ``angle_degrees`` (both centred on the same point), rounded down to whole pixels.
+
+    The closed form of the well-known "rotatedRectWithMaxArea" answer: when the short side is small relative
+    to the turn, the best rectangle touches both long sides ("half constrained"); otherwise it touches all four.
+    """
+    if width <= 0 or height <= 0:
+        return 0, 0
+    angle = math.radians(angle_degrees)
+    sin_a, cos_a = abs(math.sin(angle)), abs(math.cos(angle))
+    width_is_longer = width >= height
+    side_long, side_short = (width, height) if width_is_longer else (height, width)
+    if side_short <= 2.0 * sin_a * cos_a * side_long or abs(sin_a - cos_a) < 1e-10:
+        # Half constrained: two corners of the rectangle touch the longer sides.
+        x = 0.5 * side_short
+        w, h = (x / sin_a, x / cos_a) if width_is_longer else (x / cos_a, x / sin_a)
+    else:
+        # Fully constrained: all four corners touch the rotated rectangle's sides.
+        cos_2a = cos_a * cos_a - sin_a * sin_a
+        w, h = (width * cos_a - height * sin_a) / cos_2a, (height * cos_a - width * sin_a) / cos_2a
+    # The epsilon absorbs float error (90 degrees must give exactly (height, width)); never exceed the source.
+    bound = max(width, height)
+    return int(math.floor(min(w, bound) + 1e-6)), int(math.floor(min(h, bound) + 1e-6))
+
+
+def _turn(dx: float, dy: float, angle_degrees: float) -> tuple[float, float]:
+    """Where an offset in the rotated output lands in the source image, with Pillow's ``rotate`` convention
+    (``Image.rotate(angle)`` samples source = centre + M @ (output - centre), M as below)."""
+    phi = -math.radians(angle_degrees)
+    c, s = math.cos(phi), math.sin(phi)
+    return c * dx + s * dy, -s * dx + c * dy
+
+
+def _bbox(w: float, h: float, angle_degrees: float) -> tuple[float, float]:
+    """Size of the axis-aligned bounding box of a ``w`` x ``h`` rectangle turned by the angle."""
+    a = math.radians(angle_degrees)
+    c, s = abs(math.cos(a)), abs(math.sin(a))
+    return w * c + h * s, w * s + h * c
+
+
+def _margin(w: float, h: float, out_size: int) -> float:
+    # Bilinear resampling reads up to one source pixel past a window edge, and Pillow's antialiased downscale
+    # reads one *output* pixel's worth (w / out_size source pixels) past it: keep that band inside real pixels
+    # so no zero-fill from the rotation leaks into the border of the output.
+    return 1.0 + max(w, h) / out_size
+
+
+def _resample_window(
+    img: Image.Image, centre: tuple[float, float], size: tuple[float, float], angle: float, out_size: int
+) -> Image.Image:
+    """The ``size`` window centred at ``centre`` (source pixel coordinates), turned by ``angle`` degrees,
+    resampled to ``out_size`` x ``out_size``. The caller guarantees the window plus ``_margin`` lies inside."""
+    (cx, cy), (w, h) = centre, size
+    if angle % 360.0 == 0.0:
+        return img.resize(
+            (out_size, out_size),
+            Image.Resampling.BILINEAR,
+            box=(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2),
+        )
+    # Rotate only the patch around the window (not the whole photo), then resize out of the rotated patch.
+    m = _margin(w, h, out_size)
+    bw, bh = _bbox(w + 2 * m, h + 2 * m, angle)
+    x0, y0 = max(0, math.floor(cx - bw / 2)), max(0, math.floor(cy - bh / 2))
+    x1, y1 = min(img.width, math.ceil(cx + bw / 2)), min(img.height, math.ceil(cy + bh / 2))
+    patch = img.crop((x0, y0, x1, y1))
+    pcx, pcy = cx - x0, cy - y0
+    patch = patch.rotate(angle, resample=Image.Resampling.BILINEAR, center=(pcx, pcy))
+    box = (pcx - w / 2, pcy - h / 2, pcx + w / 2, pcy + h / 2)
+    return patch.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box)
+
+
+def _sample_rrc_box(
+    width: float,
+    height: float,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop box (left, top, w, h) inside a ``width`` x ``height`` area: area fraction
+    uniform in ``scale``, aspect ratio log-uniform in ``ratio``; 10 tries, then a centre crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = math.sqrt(target_area * aspect), math.sqrt(target_area / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            return rng.uniform(0, width - w), rng.uniform(0, height - h), w, h
+    # Fallback (extreme aspect ratios): the whole area, trimmed to the nearest allowed ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, width / ratio[0]
+    elif in_ratio > ratio[1]:
+        w, h = height * ratio[1], height
+    else:
+        w, h = width, height
+    return (width - w) / 2, (height - h) / 2, w, h
+
+
+def _adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """Shift the hue by ``hue_factor`` of a full turn (torchvision's PIL implementation: HSV, wrap-around H)."""
+    h, s, v = img.convert("HSV").split()
+    shifted = (np.asarray(h, dtype=np.uint8).astype(np.int16) + int(round(hue_factor * 255))) % 256
+    return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert("RGB")
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def _check_image_size(image_size: object) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
+    # decode_rgb already returns RGB; this guards direct callers (tests, notebooks) passing L or RGBA.
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """Training augmentation: a random crop (``rrc`` or ``esteva``), flips and colour jitter.
+
+    * ``rrc``: torchvision's RandomResizedCrop (area fraction in [scale_min, 1], aspect in [ratio_min,
+      ratio_max]); with ``rotation_degrees`` > 0 the crop window is also turned by an angle in [-r, r] and
+      shrunk/moved just enough to stay inside the photo (no black corners).
+    * ``esteva``: turn by an angle in [-r, r] (r = 180: any angle), keep the largest upright rectangle inside
+      the turned photo, then a RandomResizedCrop inside that (Esteva et al., Nature 2017).
+
+    Colour jitter follows torchvision's ColorJitter: factors uniform in [1 - s, 1 + s] for brightness,
+    contrast and saturation, a hue shift uniform in [-hue, hue], applied in a random order.
+    """
+
+    image_size: int
+    crop: str = "rrc"
+    scale_min: float = 0.35
+    ratio_min: float = 3 / 4
+    ratio_max: float = 4 / 3
+    rotation_degrees: float = 0.0
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_image_size(self.image_size)
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        for f in fields(self):
+            if f.name not in ("image_size", "crop"):
+                value = getattr(self, f.name)
+                if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+                    raise ValueError(f"{f.name} must be a number, got {value!r}")
+        _check_range("scale_min", self.scale_min, 0.0, 1.0, low_open=True)
+        _check_range("ratio_min", self.ratio_min, 0.0, math.inf, low_open=True)
+        _check_range("ratio_max", self.ratio_max, self.ratio_min, math.inf)
+        _check_range("rotation_degrees", self.rotation_degrees, 0.0, 180.0)
+        _check_range("hflip_p", self.hflip_p, 0.0, 1.0)
+        _check_range("vflip_p", self.vflip_p, 0.0, 1.0)
+        _check_range("brightness", self.brightness, 0.0, 1.0)
+        _check_range("contrast", self.contrast, 0.0, 1.0)
+        _check_range("saturation", self.saturation, 0.0, 1.0)
+        _check_range("hue", self.hue, 0.0, 0.5)
+
+    def _angle(self, rng: np.random.Generator) -> float:
+        return (
+            float(rng.uniform(-self.rotation_degrees, self.rotation_degrees))
+            if self.rotation_degrees
+            else 0.0
+        )
+
+    def _crop_rrc(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        width, height, size = img.width, img.height, self.image_size
+        left, top, w, h = _sample_rrc_box(
+            width, height, (self.scale_min, 1.0), (self.ratio_min, self.ratio_max), rng
+        )
+        cx, cy = left + w / 2, top + h / 2
+        angle = self._angle(rng)
+        if angle:
+            # Shrink the window until its turned footprint (plus the resampling margin) fits in the photo; the
+            # margin shrinks with the window, so the one computed at full size is a safe bound.
+            m = _margin(w, h, size)
+            c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+            fit = min(
+                1.0, (width - 2 * m * (c + s)) / (w * c + h * s), (height - 2 * m * (c + s)) / (w * s + h * c)
+            )
+            if fit <= 0.05:
+                angle = 0.0  # a photo too small to turn inside; keep the plain crop
+            else:
+                w, h = w * fit, h * fit
+                bw, bh = _bbox(w + 2 * m, h + 2 * m, angle)
+                cx = min(max(cx, bw / 2), width - bw / 2)
+                cy = min(max(cy, bh / 2), height - bh / 2)
+        return _resample_window(img, (cx, cy), (w, h), angle, size)
+
+    def _crop_esteva(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        width, height, size = img.width, img.height, self.image_size
+        angle = self._angle(rng)
+        inner_w, inner_h = (width, height) if not angle else largest_inscribed_rect(width, height, angle)
+        if angle:
+            m = _margin(inner_w, inner_h, size)
+            inner_w, inner_h = inner_w - 2 * m, inner_h - 2 * m
+            if inner_w < 1 or inner_h < 1:
+                angle, inner_w, inner_h = 0.0, width, height  # too small to turn
+        left, top, w, h = _sample_rrc_box(
+            inner_w, inner_h, (self.scale_min, 1.0), (self.ratio_min, self.ratio_max), rng
+        )
+        # The crop box lives in the turned frame, centred on the photo's centre; map its centre back.
+        dx, dy = _turn(left + w / 2 - inner_w / 2, top + h / 2 - inner_h / 2, angle)
+        return _resample_window(img, (width / 2 + dx, height / 2 + dy), (w, h), angle, size)
+
+    def _jitter(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        for op in rng.permutation(4):
+            if op == 0 and self.brightness > 0:
+                img = ImageEnhance.Brightness(img).enhance(
+                    rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)
+                )
+            elif op == 1 and self.contrast > 0:
+                img = ImageEnhance.Contrast(img).enhance(
+                    rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)
+                )
+            elif op == 2 and self.saturation > 0:
+                img = ImageEnhance.Color(img).enhance(
+                    rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)
+                )
+            elif op == 3 and self.hue > 0:
+                img = _adjust_hue(img, rng.uniform(-self.hue, self.hue))
+        return img
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """One random augmentation of ``img``: an (image_size, image_size, 3) uint8 array. Deterministic for a
+        given generator state; consumes draws from ``rng`` only."""
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"TrainPreset needs a numpy.random.Generator, got {type(rng).__name__}")
+        img = _as_rgb(img)
+        img = self._crop_esteva(img, rng) if self.crop == "esteva" else self._crop_rrc(img, rng)
+        if rng.random() < self.hflip_p:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rng.random() < self.vflip_p:
+            img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        img = self._jitter(img, rng)
+        return np.array(img, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class EvalPreset:
+    """Deterministic evaluation view: shorter side resized to ``image_size / resize_ratio``, then the central
+    ``image_size`` square (torchvision's reference convention, e.g. 256 -> 224 at 0.875)."""
+
+    image_size: int
+    resize_ratio: float = 0.875
+
+    def __post_init__(self) -> None:
+        _check_image_size(self.image_size)
+        _check_range("resize_ratio", self.resize_ratio, 0.0, 1.0, low_open=True)
+
+    @property
+    def resize_size(self) -> int:
+        """The shorter side after the resize step."""
+        return max(self.image_size, int(round(self.image_size / self.resize_ratio)))
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The (image_size, image_size, 3) uint8 centre view of ``img``; ``rng`` is ignored (no randomness)."""
+        img = _as_rgb(img)
+        # Resize-then-centre-crop done as one resample: the central square of the resized image is, in source
+        # pixels, a square of side shorter_side * image_size / resize_size around the centre.
+        side = min(img.width, img.height) * self.image_size / self.resize_size
+        cx, cy = img.width / 2, img.height / 2
+        return np.array(_resample_window(img, (cx, cy), (side, side), 0.0, self.image_size), dtype=np.uint8)
+
+
+def decode_size_hint(preset: TrainPreset | EvalPreset) -> int:
+    """The ``min_side`` to pass to ``decode_rgb``: JPEG draft decoding keeps both sides at least this long,
+    which is enough for the preset's output not to be upsampled from a needlessly reduced decode."""
+    if isinstance(preset, EvalPreset):
+        return preset.resize_size
+    # A random resized crop keeps at least sqrt(scale_min) of each side, but a little headroom keeps the
+    # larger crops sharp; a turned crop (esteva, or rrc with rotation) keeps only ~1/sqrt(2) of the side at 45.
+    hint = preset.image_size * 1.15
+    if preset.crop == "esteva" or preset.rotation_degrees > 0:
+        hint *= math.sqrt(2)
+    return int(math.ceil(hint))

@@ -1,0 +1,81 @@
+"""The config schema: defaults, overrides, one-line errors, and every shipped YAML loads against the code."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dermray.config import Config, load_config, to_yaml
+from dermray.errors import DermrayError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_embedded_default():
+    config = load_config()
+    assert config.data.manifest is None
+    assert config.model.backbone in ("resnet18", "mobilenet_v3_small")
+    assert config.run.name
+
+
+def test_overrides_parse_types():
+    config = load_config(None, ["train.epochs=3", "scaling.use_gpu=true", "model.weights=null", "train.lr=3e-4"])
+    assert config.train.epochs == 3 and config.scaling.use_gpu is True
+    assert config.model.weights is None and config.train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "config: train.epoch: unknown key"),
+        ("train.epochs=abc", "config: train.epochs: Input should be a valid integer"),
+        ("model.backbone=alexnet", "unknown backbone 'alexnet'"),
+        ("train.head_epochs=50", "head_epochs (50) exceeds epochs"),
+        ("data.augment.hflip_p=2", "config: data.augment.hflip_p: Input should be less than or equal to 1"),
+        ("epochs", "--set 'epochs': expected dotted.key=value"),
+    ],
+)
+def test_bad_values_give_one_line(override, message):
+    with pytest.raises(DermrayError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_image_size_defaults_to_the_backbone_on_real_data():
+    assert load_config(None, ["model.backbone=inception_v3", "data.manifest=s3://b/m"]).image_size == 299
+    assert load_config(None, ["model.backbone=resnet50", "data.manifest=s3://b/m"]).image_size == 224
+    assert load_config(None, []).image_size == 64  # the embedded synthetic data
+
+
+def test_inception_below_299_is_refused():
+    with pytest.raises(DermrayError, match="inception_v3 trains at 299 px"):
+        load_config(None, ["model.backbone=inception_v3", "model.image_size=224"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["train.epochs=4"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(str(path)) == config
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(DermrayError, match="file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(DermrayError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_jobs_configs_exist():
+    assert CONFIGS, "jobs/configs/ ships experiment YAMLs"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_yaml_loads(path):
+    config = load_config(str(path))
+    assert isinstance(config, Config)
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) - {"tune"} <= set(Config.model_fields)
