@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 
@@ -43,6 +42,19 @@ def _gather_predictions(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
     dist.all_gather_object(gathered, (probs, labels))
     parts = [g for g in gathered if len(g[1])]
     return np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
+
+
+def _worker_nodes() -> int:
+    """How many distinct Ray nodes the workers run on (proves spread placement on a multi-node cluster)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def _sum_over_workers(value: float) -> float:
@@ -78,8 +90,9 @@ def _save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, epo
 
 
 def _log(message: str) -> None:
-    # stderr: stdout carries only the command's final JSON summary line.
-    print(message, file=sys.stderr, flush=True)
+    # Straight to file descriptor 2: stdout carries only the command's JSON summary, and Ray Train tees the
+    # Python-level sys.stderr into its own log, which would print every line twice.
+    os.write(2, (message + "\n").encode())
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -126,6 +139,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             drop_last=drop_last,
         )
 
+    nodes = _worker_nodes()
+    if rank == 0:
+        _log(f"[dermray] {context.get_world_size()} worker(s) on {nodes} node(s), device {device}")
     phase, ddp_model, optimizer, scheduler = None, None, None, None
     run_started = time.perf_counter()
     for epoch in range(start_epoch, config.train.epochs):
@@ -161,6 +177,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "images_per_s": round(images / max(stats.seconds, 1e-9), 1),
             "lr": optimizer.param_groups[0]["lr"],
             "val_images": int(len(labels)),
+            "worker_nodes": nodes,
             **{f"val_{k}": round(v, 5) for k, v in val.items()},
         }
         history.append(metrics)

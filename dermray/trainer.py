@@ -117,6 +117,8 @@ def train(config: Config) -> dict:
             name=config.run.name,
             storage_path=storage.storage_path_for_ray(config.run.storage),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            # Ray Train's own per-report INFO lines drown the per-epoch progress line; warnings still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.run.checkpoints_to_keep, checkpoint_score_attribute=SCORE,
                 checkpoint_score_order="max",
@@ -156,5 +158,6 @@ def summarize(result, run_uri: str, resumed_from: str | None, seconds: float, ma
         "run": run_uri,
         "manifest": manifest,
         "images_per_s": last.get("images_per_s"),
+        "worker_nodes": last.get("worker_nodes"),
         "seconds": round(seconds, 1),
     }

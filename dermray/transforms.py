@@ -25,7 +25,7 @@ def largest_inscribed_rect(width: float, height: float, angle_degrees: float) ->
     rectangle rotated by ``angle_degrees`` (both centred on the same point), rounded down to whole pixels.
 
     The closed form of the well-known "rotatedRectWithMaxArea" answer: when the short side is small relative
-    to the turn, the best rectangle touches both long sides ("half constrained"); otherwise it touches all four.
+    to the turn, the best rectangle touches both long sides ("half constrained"), otherwise all four.
     """
     if width <= 0 or height <= 0:
         return 0, 0
@@ -62,34 +62,47 @@ def _bbox(w: float, h: float, angle_degrees: float) -> tuple[float, float]:
 
 
 def _margin(w: float, h: float, out_size: int) -> float:
-    # Bilinear resampling reads up to one source pixel past a window edge, and Pillow's antialiased downscale
-    # reads one *output* pixel's worth (w / out_size source pixels) past it: keep that band inside real pixels
-    # so no zero-fill from the rotation leaks into the border of the output.
-    return 1.0 + max(w, h) / out_size
+    # How far past a window's edge resampling reads, in source pixels: the antialiased pre-shrink and the
+    # bilinear sampling each read about one output pixel's worth (w / out_size source pixels) beyond it.
+    # Callers keep this band inside the photo, so no zero-fill of a turned window leaks into the output.
+    return 2.0 + 2.0 * max(w, h) / out_size
 
 
 def _resample_window(
     img: Image.Image, centre: tuple[float, float], size: tuple[float, float], angle: float, out_size: int
 ) -> Image.Image:
     """The ``size`` window centred at ``centre`` (source pixel coordinates), turned by ``angle`` degrees,
-    resampled to ``out_size`` x ``out_size``. The caller guarantees the window plus ``_margin`` lies inside."""
+    resampled to ``out_size`` x ``out_size``. Callers keep the window plus ``_margin`` inside the image."""
     (cx, cy), (w, h) = centre, size
     if angle % 360.0 == 0.0:
-        return img.resize(
-            (out_size, out_size),
-            Image.Resampling.BILINEAR,
-            box=(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2),
-        )
-    # Rotate only the patch around the window (not the whole photo), then resize out of the rotated patch.
+        box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        return img.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box)
+    # A turned window is one affine map from output pixels to source pixels, so Pillow computes only
+    # out_size**2 samples (never rotating the whole photo). Bilinear sampling does not antialias, so a window
+    # much larger than the output is first shrunk (antialiased) to about the output's scale.
+    shrink = min(w, h) / out_size
     m = _margin(w, h, out_size)
     bw, bh = _bbox(w + 2 * m, h + 2 * m, angle)
-    x0, y0 = max(0, math.floor(cx - bw / 2)), max(0, math.floor(cy - bh / 2))
-    x1, y1 = min(img.width, math.ceil(cx + bw / 2)), min(img.height, math.ceil(cy + bh / 2))
-    patch = img.crop((x0, y0, x1, y1))
-    pcx, pcy = cx - x0, cy - y0
-    patch = patch.rotate(angle, resample=Image.Resampling.BILINEAR, center=(pcx, pcy))
-    box = (pcx - w / 2, pcy - h / 2, pcx + w / 2, pcy + h / 2)
-    return patch.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box)
+    left, top = max(0.0, cx - bw / 2), max(0.0, cy - bh / 2)
+    right, bottom = min(float(img.width), cx + bw / 2), min(float(img.height), cy + bh / 2)
+    kx = ky = 1.0
+    if shrink > 1.25:
+        pw, ph = max(1, round((right - left) / shrink)), max(1, round((bottom - top) / shrink))
+        img = img.resize((pw, ph), Image.Resampling.BILINEAR, box=(left, top, right, bottom))
+        kx, ky = (right - left) / pw, (bottom - top) / ph
+    else:
+        left = top = 0.0
+    # Output pixel (u, v) -> window offset ((u - S/2) w/S, (v - S/2) h/S) -> turned -> source -> patch.
+    phi = -math.radians(angle)
+    c, s = math.cos(phi), math.sin(phi)
+    sx, sy = w / out_size, h / out_size
+    a, b = c * sx / kx, s * sy / kx
+    d, e = -s * sx / ky, c * sy / ky
+    off_x = (cx - left - (c * w + s * h) / 2) / kx
+    off_y = (cy - top + (s * w - c * h) / 2) / ky
+    return img.transform(
+        (out_size, out_size), Image.Transform.AFFINE, (a, b, off_x, d, e, off_y), Image.Resampling.BILINEAR
+    )
 
 
 def _sample_rrc_box(
@@ -99,8 +112,8 @@ def _sample_rrc_box(
     ratio: tuple[float, float],
     rng: np.random.Generator,
 ) -> tuple[float, float, float, float]:
-    """torchvision's RandomResizedCrop box (left, top, w, h) inside a ``width`` x ``height`` area: area fraction
-    uniform in ``scale``, aspect ratio log-uniform in ``ratio``; 10 tries, then a centre crop."""
+    """torchvision's RandomResizedCrop box (left, top, w, h) inside a ``width`` x ``height`` area: area
+    fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio``; 10 tries, then a centre crop."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -121,7 +134,7 @@ def _sample_rrc_box(
 
 
 def _adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
-    """Shift the hue by ``hue_factor`` of a full turn (torchvision's PIL implementation: HSV, wrap-around H)."""
+    """Shift the hue by ``hue_factor`` of a full turn (as torchvision does for PIL: HSV, wrap-around H)."""
     h, s, v = img.convert("HSV").split()
     shifted = (np.asarray(h, dtype=np.uint8).astype(np.int16) + int(round(hue_factor * 255))) % 256
     return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert("RGB")
@@ -289,7 +302,7 @@ class EvalPreset:
         return max(self.image_size, int(round(self.image_size / self.resize_ratio)))
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
-        """The (image_size, image_size, 3) uint8 centre view of ``img``; ``rng`` is ignored (no randomness)."""
+        """The (image_size, image_size, 3) uint8 centre view of ``img``; ``rng`` is unused (deterministic)."""
         img = _as_rgb(img)
         # Resize-then-centre-crop done as one resample: the central square of the resized image is, in source
         # pixels, a square of side shorter_side * image_size / resize_size around the centre.
@@ -304,7 +317,7 @@ def decode_size_hint(preset: TrainPreset | EvalPreset) -> int:
     if isinstance(preset, EvalPreset):
         return preset.resize_size
     # A random resized crop keeps at least sqrt(scale_min) of each side, but a little headroom keeps the
-    # larger crops sharp; a turned crop (esteva, or rrc with rotation) keeps only ~1/sqrt(2) of the side at 45.
+    # larger crops sharp; a turned crop (esteva, or rrc with rotation) keeps ~1/sqrt(2) of the side at 45.
     hint = preset.image_size * 1.15
     if preset.crop == "esteva" or preset.rotation_degrees > 0:
         hint *= math.sqrt(2)
