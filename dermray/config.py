@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dermray import storage
 from dermray.errors import DermrayError
 
-
 EMBEDDED_IMAGE_SIZE = 64
 
 
@@ -94,7 +93,7 @@ class TrainConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _phases_fit(self) -> "TrainConfig":
+    def _phases_fit(self) -> TrainConfig:
         if self.head_epochs > self.epochs:
             raise ValueError(f"head_epochs ({self.head_epochs}) exceeds epochs ({self.epochs})")
         return self
@@ -139,7 +138,7 @@ class Config(_Strict):
         return spec.default_image_size if spec else 224
 
     @model_validator(mode="after")
-    def _known_backbone(self) -> "Config":
+    def _known_backbone(self) -> Config:
         from dermray.models import BACKBONES
 
         if self.model.backbone not in BACKBONES:

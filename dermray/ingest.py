@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from dermray import storage
 from dermray.config import AugmentConfig
+from dermray.errors import DermrayError
 from dermray.imaging import UnreadableImage, decode_rgb
 from dermray.manifest import Manifest
 from dermray.transforms import EvalPreset, TrainPreset, decode_size_hint
@@ -90,9 +91,8 @@ def build_dataset(
 
     rows = manifest.split(split).select(["image_uri", "label"])
     if rows.num_rows == 0:
-        from dermray.errors import DermrayError
-
-        raise DermrayError(f"manifest has no images in split '{split}' (splits: {sorted(set(manifest.table['split'].to_pylist()))})")
+        present = sorted(set(manifest.table["split"].to_pylist()))
+        raise DermrayError(f"manifest has no images in split '{split}' (splits present: {', '.join(present)})")
     if balanced:
         rows = balanced_rows(rows, len(manifest.classes), seed)
     # Enough blocks for every CPU to decode in parallel, while keeping each task's overhead amortised.

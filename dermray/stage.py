@@ -23,6 +23,7 @@ from dermray.imaging import UnreadableImage, probe_image
 from dermray.manifest import Manifest, hash_group, manifest_uri, read_manifest, write_manifest
 from dermray.sources import SOURCES, Collected, SourceOptions
 from dermray.splits import SplitFractions, assign_splits
+from dermray.taxonomy import infer_taxonomy
 
 SKIPPED_NAME = "skipped.csv"
 
@@ -121,7 +122,8 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
             "height": pa.array([h for _, h in sizes], pa.int32()),
         }
     )
-    manifest = Manifest(table, collected.classes, source, collected.taxonomy)
+    taxonomy = collected.taxonomy or infer_taxonomy(collected.classes)
+    manifest = Manifest(table, collected.classes, source, taxonomy)
     uri = write_manifest(manifest_uri(out), manifest)
     report = skipped + [(u, "image file not named in the labels file (unlisted)") for u in collected.unlisted]
     skipped_uri = _write_skipped(storage.join(out, SKIPPED_NAME), report)

@@ -14,7 +14,7 @@ import functools
 import os
 import posixpath
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 

@@ -17,3 +17,12 @@ def taxonomy_tree(name: str | None, classes: list[str]) -> dict[str, list[str]] 
     if tree is None:
         return None
     return {coarse: [c for c in fine if c in classes] for coarse, fine in tree.items()}
+
+
+def infer_taxonomy(classes: list[str]) -> str | None:
+    """The known tree whose fine classes cover every class of a dataset (e.g. a generic CSV of dx codes)."""
+    for name, tree in TAXONOMIES.items():
+        leaves = {leaf for fine in tree.values() for leaf in fine}
+        if set(classes) <= leaves:
+            return name
+    return None

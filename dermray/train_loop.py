@@ -127,7 +127,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
         label_smoothing=config.train.label_smoothing,
     )
-    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (config.train.batch_size * context.get_world_size())))
+    global_batch = config.train.batch_size * context.get_world_size()
+    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / global_batch))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     pin = device.type == "cuda"
@@ -158,7 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 optimizer.load_state_dict(resume_state["optimizer"])
                 scheduler.load_state_dict(resume_state["scheduler"])
             # DDP registers gradient hooks for the parameters trainable when it wraps: re-wrap per phase.
-            ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+            ddp_model = ray.train.torch.prepare_model(model)
 
         frozen_bn = (lambda m: freeze_batchnorm_stats(m, config.model.backbone)) if phase == "head" else None
         stats = train_one_epoch(

@@ -88,3 +88,28 @@ def upload_folder(s3_client, bucket: str, prefix: str, folder: Path, limit: int 
         s3_client.upload_file(str(path), bucket, key)
         keys.append(key)
     return keys
+
+
+@pytest.fixture(scope="session")
+def isic2018_on_s3(s3_client):
+    """The 300 real ISIC 2018 JPEGs (600x450) and their labels under s3://<bucket>/isic2018/."""
+    folder = data_path("isic2018-sample")
+    name = "dermray-isic2018"
+    s3_client.create_bucket(Bucket=name)
+    upload_folder(s3_client, name, "isic2018/images", folder / "images")
+    s3_client.upload_file(str(folder / "labels.csv"), name, "isic2018/labels.csv")
+    return f"s3://{name}/isic2018"
+
+
+@pytest.fixture(scope="session")
+def isic2018_manifest_s3(ray_local, isic2018_on_s3):
+    """The real ISIC sample staged from S3 into an S3 manifest (once per session)."""
+    from dermray.sources import SourceOptions
+    from dermray.stage import stage
+
+    summary = stage(
+        "csv",
+        SourceOptions(out=f"{isic2018_on_s3}/staged-shared", images=f"{isic2018_on_s3}/images",
+                      labels=f"{isic2018_on_s3}/labels.csv", image_col="file", label_col="dx"),
+    )
+    return summary["manifest"]

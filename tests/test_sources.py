@@ -9,8 +9,16 @@ import pytest
 from PIL import Image
 
 from dermray.errors import DermrayError
-from dermray.sources import SourceOptions, collect_csv, collect_folder, collect_ham10000, collect_isic2018
-from dermray.sources import collect_isic2019, collect_isic2020, collect_medmnist
+from dermray.sources import (
+    SourceOptions,
+    collect_csv,
+    collect_folder,
+    collect_ham10000,
+    collect_isic2018,
+    collect_isic2019,
+    collect_isic2020,
+    collect_medmnist,
+)
 from tests.conftest import data_path
 
 

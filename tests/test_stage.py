@@ -8,27 +8,15 @@ import sys
 
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from dermray.manifest import read_manifest
 from dermray.sources import SourceOptions
 from dermray.stage import stage
-from tests.conftest import data_path, upload_folder
+from tests.conftest import data_path
 
 
-@pytest.fixture(scope="module")
-def isic2018_on_s3(ray_local, s3_client):
-    """The 300 real ISIC 2018 JPEGs and their labels under s3://<bucket>/isic2018/."""
-    folder = data_path("isic2018-sample")
-    name = "dermray-isic2018"
-    s3_client.create_bucket(Bucket=name)
-    upload_folder(s3_client, name, "isic2018/images", folder / "images" if (folder / "images").is_dir() else folder)
-    s3_client.upload_file(str(folder / "labels.csv"), name, "isic2018/labels.csv")
-    return f"s3://{name}/isic2018"
-
-
-def test_stage_real_isic_from_s3_into_s3(isic2018_on_s3):
+def test_stage_real_isic_from_s3_into_s3(ray_local, isic2018_on_s3):
     out = f"{isic2018_on_s3}/staged"
     summary = stage(
         "csv",
