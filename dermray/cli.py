@@ -121,7 +121,12 @@ def _run_train(args: argparse.Namespace) -> dict:
     return train(load_config(args.config, args.overrides))
 
 
-COMMANDS = {"stage": (_add_stage, _run_stage), "train": (_add_train, _run_train)}
+# One entry per command: (add its sub-parser, run it and return the JSON summary). A command's own module may
+# hold both functions; the CLI only wires them.
+COMMANDS = {
+    "stage": (_add_stage, _run_stage),
+    "train": (_add_train, _run_train),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

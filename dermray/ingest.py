@@ -41,6 +41,8 @@ class DecodeAndTransform:
 
     preset: TrainPreset | EvalPreset
     read_threads: int = 8
+    passthrough: tuple[str, ...] = ()
+    """Further columns copied to the output for the rows kept (e.g. ``image_uri`` for prediction)."""
 
     def _load(self, uri: str) -> np.ndarray | str:
         try:
@@ -60,7 +62,10 @@ class DecodeAndTransform:
                 log.warning("dermray ingest: skipped %s (%s)", os.path.basename(str(batch["image_uri"][i])), r)
         size = self.preset.image_size
         images = np.stack([results[i] for i in keep]) if keep else np.zeros((0, size, size, 3), np.uint8)
-        return {"image": images, "label": batch["label"][keep].astype(np.int64)}
+        out = {"image": images, "label": batch["label"][keep].astype(np.int64)}
+        for column in self.passthrough:
+            out[column] = batch[column][keep]
+        return out
 
 
 def balanced_rows(table: pa.Table, num_classes: int, seed: int) -> pa.Table:
@@ -85,11 +90,13 @@ def build_dataset(
     shuffle: bool = False,
     balanced: bool = False,
     seed: int = 0,
+    passthrough: tuple[str, ...] = (),
 ):
-    """A Ray Data dataset of uint8 NHWC image batches and int64 labels for one split of a manifest."""
+    """A Ray Data dataset of uint8 NHWC image batches and int64 labels for one split of a manifest, plus the
+    manifest columns named in ``passthrough``."""
     import ray
 
-    rows = manifest.split(split).select(["image_uri", "label"])
+    rows = manifest.split(split).select(["image_uri", "label", *[c for c in passthrough if c != "image_uri"]])
     if rows.num_rows == 0:
         present = sorted(set(manifest.table["split"].to_pylist()))
         raise DermrayError(f"manifest has no images in split '{split}' (splits present: {', '.join(present)})")
@@ -101,7 +108,8 @@ def build_dataset(
     if shuffle:
         # Shuffling the tiny manifest rows (not the decoded pixels) is cheap; it re-runs every epoch.
         ds = ds.random_shuffle()
-    return ds.map_batches(DecodeAndTransform(preset, read_threads), batch_size=32, batch_format="numpy")
+    return ds.map_batches(DecodeAndTransform(preset, read_threads, tuple(passthrough)), batch_size=32,
+                          batch_format="numpy")
 
 
 def normalize_on_device(images, device, channels_last: bool = True):
