@@ -45,9 +45,12 @@ class DecodeAndTransform:
     """Further columns copied to the output for the rows kept (e.g. ``image_uri`` for prediction)."""
 
     def _load(self, uri: str) -> np.ndarray | str:
+        # A file deleted or damaged since staging is dropped and logged. Any other storage error (the endpoint
+        # still unreachable after storage's retries) fails the task instead: Ray retries it, and a run that
+        # still fails resumes from its last checkpoint, rather than silently training on fewer images.
         try:
             image = decode_rgb(storage.read_bytes(uri), min_side=decode_size_hint(self.preset))
-        except (UnreadableImage, OSError) as error:
+        except (UnreadableImage, FileNotFoundError) as error:
             return f"{type(error).__name__}: {error}"
         # Fresh OS entropy per image: Ray worker processes would otherwise repeat the same augmentations.
         rng = np.random.default_rng() if isinstance(self.preset, TrainPreset) else None

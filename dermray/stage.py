@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +28,20 @@ from dermray.splits import SplitFractions, assign_splits
 from dermray.taxonomy import infer_taxonomy
 
 SKIPPED_NAME = "skipped.csv"
+PROGRESS_SECONDS = 10.0
 
 
 def _probe_one(uri: str) -> tuple[int, int, str]:
+    # A file that vanished or may not be read is a counted skip. A storage outage that outlasts storage's retries
+    # is not a property of the image: it fails the job (one line), so no image is skipped for a network blip.
     try:
         data = storage.read_bytes(uri)
-    except (OSError, FileNotFoundError) as error:
-        return 0, 0, f"unreadable from storage ({type(error).__name__})"
+    except FileNotFoundError:
+        return 0, 0, "file disappeared before it could be read"
+    except PermissionError:
+        return 0, 0, "permission denied"
+    except IsADirectoryError:
+        return 0, 0, "a folder, not a file"
     try:
         info = probe_image(data)
     except UnreadableImage as error:
@@ -61,11 +70,20 @@ def probe_images(uris: list[str]) -> list[tuple[int, int, str]]:
         return []
     ensure_ray()
     items = [{"index": i, "image_uri": uri} for i, uri in enumerate(uris)]
-    blocks = max(1, min(len(items) // 64, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    # Enough blocks to keep every CPU busy, and blocks of at most ~1000 images at scale, so that progress is
+    # steady and a retried task redoes little.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = max(1, min(len(items) // 64, max(4 * cpus, math.ceil(len(items) / 1024))))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(_probe_batch, batch_size=64)
     results: list[tuple[int, int, str]] = [(0, 0, "not probed")] * len(uris)
-    for row in ds.iter_rows():
+    started = last_report = time.monotonic()
+    for done, row in enumerate(ds.iter_rows(), start=1):
         results[int(row["index"])] = (int(row["width"]), int(row["height"]), str(row["reason"]))
+        if time.monotonic() - last_report > PROGRESS_SECONDS:
+            last_report = time.monotonic()
+            rate = done / (last_report - started)
+            print(f"[dermray] stage: opened {done}/{len(uris)} images ({rate:.0f}/s, "
+                  f"ETA {(len(uris) - done) / rate:.0f}s)", file=sys.stderr, flush=True)
     return results
 
 

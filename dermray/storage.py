@@ -4,6 +4,9 @@ Every command reads and writes through these functions, so local folders and S3 
 endpoint) are one code path. S3 endpoint, region and credentials come from the standard AWS environment
 variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which ``FileSystem.from_uri`` honours.
 
+Transient S3 errors (endpoint unreachable, throttling, 5xx) are retried with backoff for up to
+``DERMRAY_STORAGE_RETRY_SECONDS`` (default 60) before they surface.
+
 Atomicity: an S3 object becomes visible only when its upload completes, so a plain PUT is atomic. On a local
 filesystem a write goes to a temporary file in the same folder and is then renamed over the target.
 """
@@ -11,10 +14,14 @@ filesystem a write goes to a temporary file in the same folder and is then renam
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 
@@ -62,6 +69,43 @@ def _s3_filesystem(bucket: str) -> pafs.FileSystem:
 
 _LOCAL = pafs.LocalFileSystem()
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors an S3 endpoint gives while it is briefly unreachable or overloaded. pyarrow's own retries give up after
+# about 6 s; a restarting endpoint or a network blip can take longer, so storage calls retry these for up to
+# DERMRAY_STORAGE_RETRY_SECONDS (default 60). Anything else (not found, access denied) fails at once.
+_TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "curlCode", "SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE",
+                      "ServiceUnavailable", "INTERNAL_FAILURE", "InternalError", "REQUEST_TIMEOUT", "RequestTimeout",
+                      "Connection reset", "Broken pipe", "Timeout was reached")
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for a storage error worth retrying (endpoint unreachable, throttled, 5xx)."""
+    if not isinstance(error, OSError) or isinstance(error, FileNotFoundError | PermissionError):
+        return False
+    text = str(error)
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+def _retry_seconds() -> float:
+    return float(os.environ.get("DERMRAY_STORAGE_RETRY_SECONDS", "60"))
+
+
+def with_retries(operation: Callable[[], T], what: str) -> T:
+    """Run ``operation``, retrying transient storage errors with jittered exponential backoff."""
+    deadline = time.monotonic() + _retry_seconds()
+    delay = 0.5
+    while True:
+        try:
+            return operation()
+        except OSError as error:
+            if not is_transient(error) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("dermray storage: %s failed (%s); retrying in %.1fs", what, str(error).split(";")[0], delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 8.0)
+
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path inside it for a URI."""
@@ -80,38 +124,44 @@ def storage_path_for_ray(uri: str) -> str:
     return normalize(uri)
 
 
-def exists(uri: str) -> bool:
+def _info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return with_retries(lambda: fs.get_file_info(path), f"stat {uri}")
+
+
+def exists(uri: str) -> bool:
+    return _info(uri).type != pafs.FileType.NotFound
 
 
 def is_file(uri: str) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return _info(uri).type == pafs.FileType.File
 
 
 def is_dir(uri: str) -> bool:
     """True for a local folder or an S3 prefix holding at least one object."""
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
+    info = _info(uri)
     if info.type == pafs.FileType.Directory:
         return True
     if is_s3(uri) and info.type == pafs.FileType.NotFound:
         # Some S3 stores have no directory markers: look for any object under the prefix.
         selector = pafs.FileSelector(path.rstrip("/") + "/", allow_not_found=True, recursive=False)
-        return len(fs.get_file_info(selector)) > 0
+        return len(with_retries(lambda: fs.get_file_info(selector), f"list {uri}")) > 0
     return False
 
 
 def size(uri: str) -> int:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).size
+    return _info(uri).size
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    return with_retries(read, f"read {uri}")
 
 
 def read_text(uri: str) -> str:
@@ -123,8 +173,12 @@ def write_bytes(uri: str, data: bytes) -> str:
     uri = normalize(uri)
     fs, path = resolve(uri)
     if is_s3(uri):
-        with fs.open_output_stream(path) as stream:
-            stream.write(data)
+
+        def put() -> None:
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
+
+        with_retries(put, f"write {uri}")
         return uri
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -163,7 +217,8 @@ def list_files(uri: str, recursive: bool = True) -> Iterator[str]:
     uri = normalize(uri)
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
-    infos = [info for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
+    found = with_retries(lambda: fs.get_file_info(selector), f"list {uri}")
+    infos = [info for info in found if info.type == pafs.FileType.File]
     for info in sorted(infos, key=lambda i: i.path):
         yield ("s3://" + info.path) if is_s3(uri) else info.path
 
@@ -173,5 +228,6 @@ def list_dirs(uri: str) -> list[str]:
     uri = normalize(uri)
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
-    dirs = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.Directory]
+    found = with_retries(lambda: fs.get_file_info(selector), f"list {uri}")
+    dirs = [i.path for i in found if i.type == pafs.FileType.Directory]
     return sorted(("s3://" + d) if is_s3(uri) else d for d in dirs)

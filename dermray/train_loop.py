@@ -11,6 +11,7 @@ schedule; a checkpoint stores the current phase's, so a resumed run continues ex
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -95,9 +96,22 @@ def _log(message: str) -> None:
     os.write(2, (message + "\n").encode())
 
 
+def _quiet_report_logging() -> None:
+    # Ray Train 2.60 logs every ray.train.report call (the whole metrics dict) at INFO through a logger named
+    # after its source file, outside the "ray.train" hierarchy that LoggingConfig controls; the per-epoch line
+    # below already says it all.
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
+
+    _quiet_report_logging()
 
     config = Config.model_validate(loop_config["config"])
     classes: list[str] = loop_config["classes"]
@@ -120,7 +134,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch = resume_state["epoch"] + 1
         history = list(resume_state.get("history", []))
         if rank == 0:
-            _log(f"[dermray] resuming after epoch {start_epoch} of {config.train.epochs} from {checkpoint.path}")
+            _log(f"[dermray] resuming after epoch {start_epoch} of {config.train.epochs}")
 
     weights = loop_config.get("class_weights")
     criterion = nn.CrossEntropyLoss(

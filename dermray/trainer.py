@@ -18,7 +18,7 @@ from dermray.errors import DermrayError
 from dermray.ingest import build_dataset, train_preset
 from dermray.manifest import Manifest, manifest_uri, read_manifest
 from dermray.taxonomy import taxonomy_tree
-from dermray.train_loop import META_FILE, train_loop_per_worker
+from dermray.train_loop import train_loop_per_worker
 from dermray.transforms import EvalPreset
 
 SCORE = "val_balanced_accuracy"
@@ -58,18 +58,21 @@ def worker_resources(config: Config) -> tuple[dict, int]:
     return {"CPU": round(cpus, 3)}, max(1, round(cpus))
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 def latest_checkpoint(run_uri: str) -> str | None:
-    """The checkpoint Ray Train will resume from: the one holding the highest epoch under the run folder."""
-    if not storage.exists(run_uri):
+    """The checkpoint a relaunch of this run resumes from, or None for a new run.
+
+    Ray Train's own bookkeeping decides (its checkpoint-manager snapshot names the latest checkpoint, written only
+    after the checkpoint's upload completed), so a half-uploaded folder is never taken for the latest.
+    """
+    snapshot_uri = storage.join(run_uri, RAY_SNAPSHOT)
+    if not storage.exists(snapshot_uri):
         return None
-    best_epoch, best = -1, None
-    for directory in storage.list_dirs(run_uri):
-        meta = storage.join(directory, META_FILE)
-        if storage.basename(directory).startswith("checkpoint") and storage.exists(meta):
-            epoch = json.loads(storage.read_text(meta))["epoch"]
-            if epoch > best_epoch:
-                best_epoch, best = epoch, directory
-    return best
+    latest = json.loads(storage.read_text(snapshot_uri)).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name")
+    return storage.join(run_uri, name) if name else None
 
 
 def train(config: Config) -> dict:
@@ -94,6 +97,8 @@ def train(config: Config) -> dict:
     }
     run_uri = storage.join(storage.normalize(config.run.storage), config.run.name)
     resumed_from = latest_checkpoint(run_uri)
+    if resumed_from:
+        print(f"[dermray] run '{config.run.name}' exists: resuming from {resumed_from}", file=sys.stderr, flush=True)
     storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
 
     resources, threads = worker_resources(config)

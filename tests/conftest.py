@@ -8,6 +8,8 @@ environment of the driver at ``ray.init``.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -26,13 +28,34 @@ def data_path(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 HTTP endpoint on 127.0.0.1, reached through the standard AWS_* environment variables."""
+def s3_server():
+    """moto's threaded S3 server on 127.0.0.1 (a real HTTP endpoint); tests may stop and restart it."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
+    server._port = server.get_host_and_port()[1]  # a restart binds the same port again, not a new free one
+    yield server
+    server.stop()
+
+
+def interrupt_s3(server, seconds: float) -> threading.Thread:
+    """Take the S3 endpoint down now and bring it back (same port, same buckets) after ``seconds``."""
+    server.stop()
+
+    def restart() -> None:
+        time.sleep(seconds)
+        server.start()
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    """A real S3 HTTP endpoint on 127.0.0.1, reached through the standard AWS_* environment variables."""
+    host, port = s3_server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     os.environ.update(
         {
@@ -44,7 +67,6 @@ def s3_endpoint():
         }
     )
     yield endpoint
-    server.stop()
 
 
 @pytest.fixture(scope="session")
