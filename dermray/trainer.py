@@ -86,6 +86,11 @@ def train(config: Config) -> dict:
     ensure_ray()
     manifest_location = config.data.manifest or embedded_manifest(config)
     manifest = read_manifest(manifest_location)
+    untrainable = [name for name, count in manifest.class_counts(config.data.train_split).items() if count == 0]
+    if untrainable:
+        # Not fatal (a class may be declared for the taxonomy or arrive later), but the model cannot learn it.
+        print(f"[dermray] warning: no '{config.data.train_split}' images for class(es) {', '.join(untrainable)}: "
+              "the model cannot learn them", file=sys.stderr, flush=True)
     size = config.image_size
     augment_preset = train_preset(size, config.data.augment)
     eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)
@@ -135,7 +140,8 @@ def train(config: Config) -> dict:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise DermrayError(f"training failed: {str(error).strip().splitlines()[0]}") from None
-    return summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location))
+    summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location))
+    return summary | {"classes_without_training_images": untrainable}
 
 
 def _checkpoint_uri(checkpoint, run_uri: str) -> str:
