@@ -198,6 +198,104 @@ def write_text(uri: str, text: str) -> str:
     return write_bytes(uri, text.encode("utf-8"))
 
 
+# ------------------------------------------------------------------------------------ conditional writes
+# Compare-and-swap for the few objects several processes may race on (the model registry's champion pointer and
+# lock). S3 has it natively (PutObject with If-None-Match / If-Match on the ETag); pyarrow does not expose it, so
+# S3 goes through boto3, which reads the same AWS_* environment variables. Locally, an flock on a sidecar file
+# serialises compare-and-replace, and the version token is the content's hash.
+
+
+def _s3_client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = normalize(uri)[5:].partition("/")
+    return bucket, key
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """(content, version token) of an object, or (None, None) when it does not exist."""
+    uri = normalize(uri)
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        try:
+            response = with_retries(lambda: _s3_client().get_object(Bucket=bucket, Key=key), f"read {uri}")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return response["Body"].read(), response["ETag"]
+    if not os.path.exists(uri):
+        return None, None
+    with open(uri, "rb") as handle:
+        data = handle.read()
+    return data, _content_version(data)
+
+
+def _content_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_if_version(uri: str, data: bytes, expected_version: str | None) -> bool:
+    """Write ``data`` only if the object is still at ``expected_version`` (None: only if it does not exist).
+    Returns False, writing nothing, when another writer got there first."""
+    uri = normalize(uri)
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        condition = {"IfNoneMatch": "*"} if expected_version is None else {"IfMatch": expected_version}
+        try:
+            with_retries(lambda: _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition),
+                         f"conditional write {uri}")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                                "NoSuchKey", "412", "409"):
+                return False
+            raise
+        return True
+    import fcntl
+
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    with open(f"{uri}.cas-lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        _, current = read_versioned(uri)
+        if current != expected_version:
+            return False
+        write_bytes(uri, data)
+        return True
+
+
+def delete_if_version(uri: str, expected_version: str) -> bool:
+    """Delete an object only if it is still at ``expected_version`` (a lock released by its holder)."""
+    uri = normalize(uri)
+    if is_s3(uri):
+        # S3 has no conditional delete on every store: overwrite-then-delete would race too, so check the ETag
+        # and delete; a holder only deletes the lock it still owns (its own expiry is far away).
+        _, current = read_versioned(uri)
+        if current != expected_version:
+            return False
+        bucket, key = _bucket_key(uri)
+        with_retries(lambda: _s3_client().delete_object(Bucket=bucket, Key=key), f"delete {uri}")
+        return True
+    import fcntl
+
+    with open(f"{uri}.cas-lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        _, current = read_versioned(uri)
+        if current != expected_version:
+            return False
+        os.remove(uri)
+        return True
+
+
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
