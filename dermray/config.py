@@ -59,6 +59,16 @@ class ModelConfig(_Strict):
     embedded synthetic dataset."""
     weights: str | None = None
     """ImageNet weights: a local file or storage URI (.pth/.pt state dict or .safetensors); none = random init."""
+    init_checkpoint: str | None = None
+    """Warm start: a dermray checkpoint (folder URI) whose whole model, head included, a new run starts from (the
+    nightly challenger starts from the champion). Its classes must be the manifest's. Ignored when resuming."""
+
+    @model_validator(mode="after")
+    def _one_starting_point(self) -> ModelConfig:
+        if self.weights and self.init_checkpoint:
+            raise ValueError("set model.weights (ImageNet backbone) or model.init_checkpoint (a dermray checkpoint), "
+                             "not both")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -10,6 +10,7 @@ schedule; a checkpoint stores the current phase's, so a resumed run continues ex
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dermray import storage
 from dermray.config import Config
 from dermray.engine import build_optimizer, build_scheduler, classification_metrics, predict, train_one_epoch
 from dermray.models import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
@@ -90,6 +92,12 @@ def _save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, epo
         json.dump(meta, handle, indent=2)
 
 
+def read_checkpoint_state(checkpoint_uri: str) -> dict:
+    """The ``state.pt`` of a checkpoint folder (local or s3://), loaded without unpickling code."""
+    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def _log(message: str) -> None:
     # Straight to file descriptor 2: stdout carries only the command's JSON summary, and Ray Train tees the
     # Python-level sys.stderr into its own log, which would print every line twice.
@@ -135,6 +143,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history = list(resume_state.get("history", []))
         if rank == 0:
             _log(f"[dermray] resuming after epoch {start_epoch} of {config.train.epochs}")
+    elif config.model.init_checkpoint:
+        # Warm start (the driver checked backbone and classes against the checkpoint's meta.json).
+        model.load_state_dict(read_checkpoint_state(config.model.init_checkpoint)["model"])
+        if rank == 0:
+            _log(f"[dermray] starting from the weights of {config.model.init_checkpoint}")
 
     weights = loop_config.get("class_weights")
     criterion = nn.CrossEntropyLoss(

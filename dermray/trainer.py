@@ -18,7 +18,7 @@ from dermray.errors import DermrayError
 from dermray.ingest import build_dataset, train_preset
 from dermray.manifest import Manifest, manifest_uri, read_manifest
 from dermray.taxonomy import taxonomy_tree
-from dermray.train_loop import train_loop_per_worker
+from dermray.train_loop import META_FILE, train_loop_per_worker
 from dermray.transforms import EvalPreset
 
 SCORE = "val_balanced_accuracy"
@@ -58,6 +58,20 @@ def worker_resources(config: Config) -> tuple[dict, int]:
     return {"CPU": round(cpus, 3)}, max(1, round(cpus))
 
 
+def check_warm_start(checkpoint_uri: str, backbone: str, classes: list[str]) -> None:
+    """Refuse, in one line, a warm-start checkpoint of another architecture or class list."""
+    meta_uri = storage.join(storage.normalize(checkpoint_uri), META_FILE)
+    if not storage.exists(meta_uri):
+        raise DermrayError(f"model.init_checkpoint: no dermray checkpoint at {checkpoint_uri} ({META_FILE} missing)")
+    meta = json.loads(storage.read_text(meta_uri))
+    if meta.get("backbone") != backbone:
+        raise DermrayError(f"model.init_checkpoint: {checkpoint_uri} is a {meta.get('backbone')}, "
+                           f"not a {backbone} (set model.backbone to match)")
+    if meta.get("classes") != classes:
+        raise DermrayError(f"model.init_checkpoint: {checkpoint_uri} was trained on classes {meta.get('classes')}, "
+                           f"the manifest has {classes}")
+
+
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
@@ -91,6 +105,8 @@ def train(config: Config) -> dict:
         # Not fatal (a class may be declared for the taxonomy or arrive later), but the model cannot learn it.
         print(f"[dermray] warning: no '{config.data.train_split}' images for class(es) {', '.join(untrainable)}: "
               "the model cannot learn them", file=sys.stderr, flush=True)
+    if config.model.init_checkpoint:
+        check_warm_start(config.model.init_checkpoint, config.model.backbone, manifest.classes)
     size = config.image_size
     augment_preset = train_preset(size, config.data.augment)
     eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)

@@ -17,6 +17,7 @@ import torch
 
 from dermray import storage
 from dermray.config import load_config
+from dermray.errors import DermrayError
 from dermray.manifest import read_manifest
 from dermray.sources import SourceOptions
 from dermray.stage import stage
@@ -116,3 +117,25 @@ def test_cli_train_missing_manifest_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "manifest not found" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""  # no JSON summary on failure
+
+
+@pytest.mark.slow
+def test_warm_start_from_a_checkpoint(synthetic_manifest, tmp_path):
+    """A new run with model.init_checkpoint starts from that model, head included (the nightly challenger)."""
+    base = SMALL + [f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}", "train.epochs=1"]
+    first = train(load_config(None, base + ["run.name=champion"]))
+    warm = train(load_config(None, base + ["run.name=challenger", "train.lr=1e-9", "train.schedule=constant",
+                                           f"model.init_checkpoint={first['latest_checkpoint']}"]))
+    assert warm["resumed_from"] is None
+    before, after = _load_state(first["latest_checkpoint"])["model"], _load_state(warm["latest_checkpoint"])["model"]
+    for name in ("conv1.weight", "fc.weight", "fc.bias"):  # backbone and head both carried over
+        assert torch.allclose(before[name], after[name], atol=1e-6), name
+
+
+def test_warm_start_from_another_class_list_is_refused(synthetic_manifest, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "meta.json").write_text('{"backbone": "resnet18", "classes": ["a", "b"]}')
+    with pytest.raises(DermrayError, match="was trained on classes"):
+        train(load_config(None, SMALL + [f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}",
+                                         f"model.init_checkpoint={checkpoint}"]))
