@@ -90,7 +90,8 @@ def train_one_epoch(
     if after_train_mode is not None:
         after_train_mode(model)  # e.g. keep a frozen backbone's BatchNorm statistics fixed
     channels_last = device.type == "cuda"
-    total_loss, seen, started = 0.0, 0, time.perf_counter()
+    # The loss is summed on the device: a .item() per step would make the host wait for the GPU every batch.
+    total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
     for batch in batches:
         images = normalize_on_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
@@ -103,9 +104,9 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(labels)
+        total_loss += loss.detach().float() * len(labels)
         seen += len(labels)
-    return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started)
+    return EpochStats(float(total_loss) / max(seen, 1), seen, time.perf_counter() - started)
 
 
 @torch.no_grad()

@@ -60,12 +60,13 @@ def _worker_nodes() -> int:
     return len(set(nodes))
 
 
-def _sum_over_workers(value: float) -> float:
+def _sum_over_workers(value: float, device: torch.device) -> float:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    # On the worker's device: NCCL (the GPU backend) reduces CUDA tensors only; gloo takes CPU tensors.
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item())
 
@@ -196,8 +197,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         probs, labels = predict(ddp_model, batches(val_shard, drop_last=False), device, config.train.amp)
         probs, labels = _gather_predictions(probs, labels)
         val = classification_metrics(probs, labels, len(classes))
-        images = _sum_over_workers(stats.images)
-        train_loss = _sum_over_workers(stats.loss * stats.images) / max(images, 1)
+        images = _sum_over_workers(stats.images, device)
+        train_loss = _sum_over_workers(stats.loss * stats.images, device) / max(images, 1)
         metrics = {
             "epoch": epoch + 1,
             "phase": phase,
