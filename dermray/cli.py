@@ -121,11 +121,50 @@ def _run_train(args: argparse.Namespace) -> dict:
     return train(load_config(args.config, args.overrides))
 
 
+NIGHTLY_EPILOG = textwrap.dedent(
+    """\
+    with no arguments: the embedded default (the synthetic dataset as the source, the registry in
+    ./dermray-store/registry). Point nightly.source/images/labels at where new data arrives:
+
+      dermray nightly --config jobs/configs/nightly.yaml
+      dermray nightly --set nightly.source=csv --set nightly.images=s3://bucket/incoming/images \\
+                      --set nightly.labels=s3://bucket/incoming/labels.csv --set nightly.registry=s3://bucket/registry
+
+    running it again with no new or changed images does nothing (and says so); a run killed midway leaves the
+    champion untouched, and the next run (after nightly.lock_ttl_hours) retrains.
+    """
+)
+
+
+def _add_nightly(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "nightly",
+        help="retrain on new data and promote the challenger only when it beats the champion",
+        description="One nightly cycle: detect new or changed images, re-stage with stable splits, train a "
+        "challenger (warm start from the champion), evaluate both on the same holdout, promote atomically when "
+        "better by nightly.margin without the malignant sensitivity falling below its floor; every decision is "
+        "recorded in the registry.",
+        epilog=NIGHTLY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="experiment YAML with a nightly: section (and the challenger's training)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set nightly.margin=0.01 (repeatable)")
+
+
+def _run_nightly(args: argparse.Namespace) -> dict:
+    from dermray.config import load_config
+    from dermray.nightly import nightly
+
+    return nightly(load_config(args.config, args.overrides))
+
+
 # One entry per command: (add its sub-parser, run it and return the JSON summary). A command's own module may
 # hold both functions; the CLI only wires them.
 COMMANDS = {
     "stage": (_add_stage, _run_stage),
     "train": (_add_train, _run_train),
+    "nightly": (_add_nightly, _run_nightly),
 }
 
 

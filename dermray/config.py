@@ -129,12 +129,53 @@ class RunConfig(_Strict):
     """Top-k retention, ranked by validation balanced accuracy."""
 
 
+class NightlyConfig(_Strict):
+    """``dermray nightly``: where new data arrives, where the registry lives, and the promotion rule. The other
+    sections configure the challenger's training."""
+
+    source: str = "synthetic"
+    """A ``dermray stage`` source (csv, folder, ham10000, isic2018/2019/2020, medmnist, synthetic)."""
+    images: str | None = None
+    """The folder or prefix new images arrive in (watched for new or changed files)."""
+    labels: str | None = None
+    npz: str | None = None
+    image_col: str = "image"
+    label_col: str = "label"
+    group_col: str | None = None
+    classes: list[str] | None = None
+    synthetic_images_per_class: int = Field(150, ge=1)
+    dataset: str = "./dermray-store/datasets/nightly"
+    """Where the source is re-staged (stable grouped splits: old images keep their split)."""
+    registry: str = "./dermray-store/registry"
+    """The model registry: champion pointer, decision history, lock, evaluation reports."""
+    holdout_split: str = "test"
+    """The split champion and challenger are both evaluated on."""
+    metric: Literal["balanced_accuracy", "accuracy", "roc_auc_ovr", "malignant_auc", "melanoma_auc"] = (
+        "balanced_accuracy"
+    )
+    margin: float = Field(0.0, ge=0.0)
+    """The challenger is promoted only when it beats the champion's metric by at least this much."""
+    min_malignant_sensitivity: float = Field(0.0, ge=0.0, le=1.0)
+    """...and only when its sensitivity for the malignant class (through the taxonomy) is at least this."""
+    lock_ttl_hours: float = Field(12.0, gt=0.0)
+    """A lock older than this is taken to belong to a killed run and is taken over."""
+
+    @model_validator(mode="after")
+    def _known_source(self) -> NightlyConfig:
+        from dermray.sources import SOURCES
+
+        if self.source not in SOURCES:
+            raise ValueError(f"nightly.source: unknown source '{self.source}'; choose one of: {', '.join(SOURCES)}")
+        return self
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
+    nightly: NightlyConfig = NightlyConfig()
 
     @property
     def image_size(self) -> int:

@@ -310,15 +310,20 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
-def list_files(uri: str, recursive: bool = True) -> Iterator[str]:
-    """Every file under a folder or prefix, as full URIs, in sorted order."""
+def list_file_infos(uri: str, recursive: bool = True) -> list[tuple[str, int, int]]:
+    """(URI, size in bytes, modification time in ns) of every file under a folder or prefix, sorted by URI."""
     uri = normalize(uri)
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
     found = with_retries(lambda: fs.get_file_info(selector), f"list {uri}")
-    infos = [info for info in found if info.type == pafs.FileType.File]
-    for info in sorted(infos, key=lambda i: i.path):
-        yield ("s3://" + info.path) if is_s3(uri) else info.path
+    infos = sorted((info for info in found if info.type == pafs.FileType.File), key=lambda i: i.path)
+    return [(("s3://" + i.path) if is_s3(uri) else i.path, i.size or 0, i.mtime_ns or 0) for i in infos]
+
+
+def list_files(uri: str, recursive: bool = True) -> Iterator[str]:
+    """Every file under a folder or prefix, as full URIs, in sorted order."""
+    for file_uri, _, _ in list_file_infos(uri, recursive):
+        yield file_uri
 
 
 def list_dirs(uri: str) -> list[str]:
