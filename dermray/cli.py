@@ -100,6 +100,13 @@ TRAIN_EPILOG = textwrap.dedent(
 )
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """--config FILE.yaml and repeatable --set key=value, for every command driven by the experiment config."""
+    parser.add_argument("--config", help="experiment YAML (see jobs/configs/); defaults to the embedded default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config value, e.g. --set {example} (repeatable)")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -109,9 +116,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="experiment YAML (see jobs/configs/); defaults to the embedded default")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set train.epochs=5 (repeatable)")
+    add_config_arguments(p, "train.epochs=5")
 
 
 def _run_train(args: argparse.Namespace) -> dict:
@@ -147,9 +152,7 @@ def _add_nightly(sub: argparse._SubParsersAction) -> None:
         epilog=NIGHTLY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="experiment YAML with a nightly: section (and the challenger's training)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set nightly.margin=0.01 (repeatable)")
+    add_config_arguments(p, "nightly.margin=0.01")
 
 
 def _run_nightly(args: argparse.Namespace) -> dict:

@@ -158,7 +158,7 @@ def nightly(config: Config) -> dict:
                 promote, reason = False, "another run replaced the champion first; keeping theirs"
         decision = {
             "run": run, "promoted": promote, "reason": reason, "challenger": challenger_checkpoint,
-            "champion_before": champion_checkpoint, "metric": cfg.metric, "margin": cfg.margin,
+            "champion_before": champion_checkpoint, "warm_start": warm, "metric": cfg.metric, "margin": cfg.margin,
             "challenger_metrics": challenger_metrics, "champion_metrics": champion_metrics,
             "images": staged["images"], "new_images": staged["images"] - (seen or {}).get("images", 0),
             "reports": reports, "decided_at": utc_stamp(),
