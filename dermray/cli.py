@@ -9,6 +9,7 @@ import os
 import sys
 import textwrap
 
+from dermray import evaluate, explain, predict
 from dermray.errors import DermrayError
 from dermray.sources import SOURCES
 
@@ -167,6 +168,9 @@ def _run_nightly(args: argparse.Namespace) -> dict:
 COMMANDS = {
     "stage": (_add_stage, _run_stage),
     "train": (_add_train, _run_train),
+    "evaluate": (evaluate.add_parser, evaluate.run),
+    "predict": (predict.add_parser, predict.run),
+    "explain": (explain.add_parser, explain.run),
     "nightly": (_add_nightly, _run_nightly),
 }
 

@@ -43,6 +43,9 @@ class DecodeAndTransform:
     read_threads: int = 8
     passthrough: tuple[str, ...] = ()
     """Further columns copied to the output for the rows kept (e.g. ``image_uri`` for prediction)."""
+    keep_failures: bool = False
+    """Keep unreadable rows (a blank image and the reason in an ``error`` column, "" for good rows) instead of
+    dropping them: batch prediction reports them rather than losing them."""
 
     def _load(self, uri: str) -> np.ndarray | str:
         # A file deleted or damaged since staging is dropped and logged. Any other storage error (the endpoint
@@ -59,13 +62,22 @@ class DecodeAndTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with ThreadPoolExecutor(min(self.read_threads, len(batch["image_uri"]))) as pool:
             results = list(pool.map(self._load, batch["image_uri"]))
-        keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
-        for i, r in enumerate(results):
-            if isinstance(r, str):
-                log.warning("dermray ingest: skipped %s (%s)", os.path.basename(str(batch["image_uri"][i])), r)
         size = self.preset.image_size
-        images = np.stack([results[i] for i in keep]) if keep else np.zeros((0, size, size, 3), np.uint8)
-        out = {"image": images, "label": batch["label"][keep].astype(np.int64)}
+        if self.keep_failures:
+            keep = list(range(len(results)))
+            blank = np.zeros((size, size, 3), np.uint8)
+            images = np.stack([blank if isinstance(r, str) else r for r in results]) if results else blank[None][:0]
+        else:
+            keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+            for i, r in enumerate(results):
+                if isinstance(r, str):
+                    log.warning("dermray ingest: skipped %s (%s)", os.path.basename(str(batch["image_uri"][i])), r)
+            images = np.stack([results[i] for i in keep]) if keep else np.zeros((0, size, size, 3), np.uint8)
+        out = {"image": images}
+        if "label" in batch:  # unlabelled inputs (prediction over a folder) have none
+            out["label"] = batch["label"][keep].astype(np.int64)
+        if self.keep_failures:
+            out["error"] = np.array([r if isinstance(r, str) else "" for r in results], dtype=object)
         for column in self.passthrough:
             out[column] = batch[column][keep]
         return out

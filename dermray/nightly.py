@@ -26,12 +26,12 @@ import time
 import uuid
 
 from dermray import storage
+from dermray.checkpoint import META_FILE
 from dermray.config import Config, NightlyConfig
 from dermray.errors import DermrayError
 from dermray.manifest import manifest_uri
 from dermray.registry import Registry, utc_stamp
 from dermray.sources import SourceOptions
-from dermray.train_loop import META_FILE
 
 
 def _log(message: str) -> None:
@@ -87,7 +87,7 @@ def _holdout_metrics(checkpoint: str, manifest: str, split: str, out: str) -> di
 
 def malignant_sensitivity(metrics: dict) -> float | None:
     """Sensitivity for the malignant coarse class at the model's decision, or None without a taxonomy."""
-    value = (metrics.get("malignant") or {}).get("sensitivity")
+    value = metrics.get("malignant_sensitivity")
     return float(value) if value is not None else None
 
 

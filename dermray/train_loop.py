@@ -10,7 +10,6 @@ schedule; a checkpoint stores the current phase's, so a resumed run continues ex
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -22,13 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dermray import storage
+from dermray.checkpoint import META_FILE, STATE_FILE, read_checkpoint_state
 from dermray.config import Config
 from dermray.engine import build_optimizer, build_scheduler, classification_metrics, predict, train_one_epoch
 from dermray.models import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
-
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
 
 
 def _phase(epoch: int, config: Config) -> str:
@@ -83,20 +79,18 @@ def _save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, epo
         "phase": phase,
         "classes": loop_config["classes"],
         "taxonomy": loop_config["taxonomy"],
+        "melanoma_class": loop_config.get("melanoma_class"),
         "config": loop_config["config"],
         "history": history,
     }
     torch.save(state, os.path.join(directory, STATE_FILE))
-    meta = {"epoch": epoch, "phase": phase, "backbone": loop_config["config"]["model"]["backbone"],
-            "classes": loop_config["classes"], "taxonomy": loop_config["taxonomy"], "metrics": metrics}
+    model_config = loop_config["config"]["model"]
+    meta = {"epoch": epoch, "phase": phase, "backbone": model_config["backbone"],
+            "image_size": model_config["image_size"], "resize_ratio": loop_config["config"]["data"]["resize_ratio"],
+            "classes": loop_config["classes"], "taxonomy": loop_config["taxonomy"],
+            "melanoma_class": loop_config.get("melanoma_class"), "metrics": metrics}
     with open(os.path.join(directory, META_FILE), "w") as handle:
         json.dump(meta, handle, indent=2)
-
-
-def read_checkpoint_state(checkpoint_uri: str) -> dict:
-    """The ``state.pt`` of a checkpoint folder (local or s3://), loaded without unpickling code."""
-    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def _log(message: str) -> None:

@@ -13,12 +13,13 @@ import time
 from collections import Counter
 
 from dermray import storage
+from dermray.checkpoint import META_FILE
 from dermray.config import Config, to_yaml
 from dermray.errors import DermrayError
 from dermray.ingest import build_dataset, train_preset
 from dermray.manifest import Manifest, manifest_uri, read_manifest
-from dermray.taxonomy import taxonomy_tree
-from dermray.train_loop import META_FILE, train_loop_per_worker
+from dermray.taxonomy import melanoma_class, taxonomy_tree
+from dermray.train_loop import train_loop_per_worker
 from dermray.transforms import EvalPreset
 
 SCORE = "val_balanced_accuracy"
@@ -100,6 +101,11 @@ def train(config: Config) -> dict:
     ensure_ray()
     manifest_location = config.data.manifest or embedded_manifest(config)
     manifest = read_manifest(manifest_location)
+    # Resolve the defaults that depend on the data, so the saved config (and every checkpoint) says what ran.
+    config = config.model_copy(update={
+        "data": config.data.model_copy(update={"manifest": manifest_uri(manifest_location)}),
+        "model": config.model.model_copy(update={"image_size": config.image_size}),
+    })
     untrainable = [name for name, count in manifest.class_counts(config.data.train_split).items() if count == 0]
     if untrainable:
         # Not fatal (a class may be declared for the taxonomy or arrive later), but the model cannot learn it.
@@ -127,6 +133,7 @@ def train(config: Config) -> dict:
         "config": config.model_dump(mode="json"),
         "classes": manifest.classes,
         "taxonomy": taxonomy_tree(manifest.taxonomy, manifest.classes),
+        "melanoma_class": melanoma_class(manifest.taxonomy, manifest.classes),
         "class_weights": class_weights(manifest, config.data.train_split)
         if config.train.imbalance == "weighted_loss" else None,
         "train_rows": manifest.split(config.data.train_split).num_rows,

@@ -135,3 +135,29 @@ def isic2018_manifest_s3(ray_local, isic2018_on_s3):
                       labels=f"{isic2018_on_s3}/labels.csv", image_col="file", label_col="dx"),
     )
     return summary["manifest"]
+
+
+@pytest.fixture(scope="session")
+def isic2018_manifest_local(ray_local, tmp_path_factory):
+    """The real ISIC sample staged straight from ../shared/data into a local manifest (once per session)."""
+    from dermray.sources import SourceOptions
+    from dermray.stage import stage
+
+    folder = data_path("isic2018-sample")
+    out = tmp_path_factory.mktemp("isic2018-local")
+    return stage("csv", SourceOptions(out=str(out), images=str(folder / "images"), labels=str(folder / "labels.csv"),
+                                      image_col="file", label_col="dx"))["manifest"]
+
+
+@pytest.fixture(scope="session")
+def isic_checkpoint(isic2018_manifest_local, tmp_path_factory):
+    """A small model trained (in the test session) on the real ISIC sample: the checkpoint URI."""
+    from dermray.config import load_config
+    from dermray.trainer import train
+
+    summary = train(load_config(None, [
+        f"data.manifest={isic2018_manifest_local}", f"run.storage={tmp_path_factory.mktemp('isic-runs')}",
+        "run.name=shared", "model.backbone=resnet18", "model.image_size=64", "train.epochs=2",
+        "train.batch_size=16", "train.lr=0.003",
+    ]))
+    return summary["checkpoint"]

@@ -1,0 +1,194 @@
+"""``dermray evaluate``: a checkpoint on one split of a manifest, as a Ray Data inference job, with metrics,
+plots and a self-contained HTML report written to ``--out`` (local or s3://)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dermray import __version__, storage
+from dermray.checkpoint import input_geometry, melanoma_class_of, read_checkpoint_meta, read_checkpoint_state
+from dermray.errors import DermrayError
+from dermray.manifest import Manifest, manifest_uri, read_manifest
+from dermray.metrics import evaluate_predictions, malignant_labels, malignant_scores, reliability
+from dermray.taxonomy import MALIGNANT
+
+HEADLINE_KEYS = ("images", "accuracy", "balanced_accuracy", "roc_auc_ovr", "melanoma_auc", "malignant_auc",
+                 "log_loss", "ece")
+
+
+@dataclass
+class SplitPredictions:
+    """What an inference pass over one split returns, in manifest order of arrival."""
+
+    image_uris: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    features: np.ndarray | None
+    classes: list[str]
+    taxonomy: dict | None
+    melanoma_class: str | None
+    dropped: int  # manifest rows whose image could not be read any more
+
+
+def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1, features: bool = False,
+                  limit: int | None = None) -> SplitPredictions:
+    """Run the checkpoint over a split of the manifest as a Ray Data job (decode on CPU tasks, the model in an
+    actor pool, one actor per GPU when there are GPUs)."""
+    import ray
+
+    from dermray.inference import Predictor, actor_pool
+    from dermray.ingest import build_dataset
+    from dermray.ray_runtime import ensure_ray
+    from dermray.transforms import EvalPreset
+
+    meta = read_checkpoint_meta(checkpoint)
+    if meta["classes"] != manifest.classes:
+        raise DermrayError(f"evaluate: the checkpoint was trained on classes {meta['classes']}, the manifest has "
+                           f"{manifest.classes} (evaluate on a manifest of the same dataset)")
+    image_size, resize_ratio = input_geometry(checkpoint, meta)
+    ensure_ray()
+    rows = manifest.split(split).num_rows
+    source = manifest if limit is None or limit >= rows else Manifest(
+        manifest.split(split).slice(0, limit), manifest.classes, manifest.source, manifest.taxonomy)
+    dataset = build_dataset(source, split, EvalPreset(image_size=image_size, resize_ratio=resize_ratio),
+                            passthrough=("image_uri",))
+    dataset = dataset.map_batches(
+        Predictor, fn_constructor_kwargs={"checkpoint": storage.normalize(checkpoint), "tta": tta,
+                                          "features": features},
+        batch_size=64, batch_format="numpy", **actor_pool(ray.cluster_resources()),
+    )
+    uris, labels, probs, feats = [], [], [], []
+    for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
+        uris += [str(u) for u in batch["image_uri"]]
+        labels.append(batch["label"])
+        probs.append(batch["probs"])
+        if features:
+            feats.append(batch["features"])
+    if not uris:
+        raise DermrayError(f"evaluate: no readable image in split '{split}'")
+    return SplitPredictions(
+        image_uris=uris, labels=np.concatenate(labels), probs=np.concatenate(probs),
+        features=np.concatenate(feats) if features else None, classes=list(meta["classes"]),
+        taxonomy=meta.get("taxonomy"), melanoma_class=melanoma_class_of(meta, meta["classes"]),
+        dropped=min(rows, limit or rows) - len(uris),
+    )
+
+
+def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
+    from dermray.plots import confusion_figure, reliability_figure, roc_figure
+
+    predicted = result.probs.argmax(axis=1)
+    curves = []
+    for c, name in enumerate(result.classes):
+        positive = result.labels == c
+        chosen = predicted == c
+        point = ((chosen[~positive].mean() if (~positive).any() else 0.0),
+                 (chosen[positive].mean() if positive.any() else 0.0))
+        curves.append((name, positive, result.probs[:, c], metrics["per_class"][name]["auc"], point))
+    figures = {"roc_per_class.png": roc_figure(curves, "one-vs-rest ROC per class")}
+    scores = malignant_scores(result.probs, result.classes, result.taxonomy)
+    if scores is not None and metrics.get("malignant"):
+        positive = malignant_labels(result.labels, result.classes, result.taxonomy)
+        m = metrics["malignant"]
+        point = (1 - m["specificity"], m["sensitivity"]) if None not in (m["specificity"], m["sensitivity"]) else None
+        figures["roc_malignant.png"] = roc_figure(
+            [(f"{MALIGNANT} vs benign", positive, scores, m["auc"], point)],
+            f"malignant vs benign (P(malignant) = sum of {', '.join(m['classes'])})")
+    figures["confusion.png"] = confusion_figure(np.array(metrics["confusion_matrix"]["matrix"]), result.classes)
+    figures["reliability.png"] = reliability_figure(reliability(result.probs, result.labels), metrics["ece"])
+    return figures
+
+
+def _predictions_table(result: SplitPredictions) -> bytes:
+    columns = {"image_uri": result.image_uris, "label": result.labels.astype(np.int32),
+               "label_name": [result.classes[i] for i in result.labels],
+               "predicted": [result.classes[i] for i in result.probs.argmax(axis=1)]}
+    for c, name in enumerate(result.classes):
+        columns[f"p_{name}"] = result.probs[:, c].astype(np.float32)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    return buffer.getvalue()
+
+
+def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | None = None, tta: int = 1,
+             bootstrap: int = 200) -> dict:
+    """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet`` and ``report.html`` to ``out``
+    (default: ``<checkpoint>/eval-<split>``); returns the JSON summary with the headline metrics."""
+    from dermray.report import render_report
+
+    started = time.monotonic()
+    if tta < 1 or tta > 8:
+        raise DermrayError(f"evaluate: --tta must be between 1 (off) and 8 views, got {tta}")
+    loaded_manifest = read_manifest(manifest)
+    result = predict_split(checkpoint, loaded_manifest, split, tta=tta)
+    metrics = evaluate_predictions(result.probs, result.labels, result.classes, result.taxonomy,
+                                   result.melanoma_class, bootstrap=bootstrap)
+    metrics.update({"split": split, "tta": tta, "unreadable_images": result.dropped})
+    out = storage.normalize(out or storage.join(storage.normalize(checkpoint), f"eval-{split}"))
+    figures = _figures(result, metrics)
+    for name, png in figures.items():
+        storage.write_bytes(storage.join(out, name), png)
+    storage.write_bytes(storage.join(out, "predictions.parquet"), _predictions_table(result))
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+    provenance = {
+        "checkpoint": storage.normalize(checkpoint), "manifest": manifest_uri(manifest), "split": split,
+        "images evaluated": metrics["images"], "unreadable images (left out)": result.dropped,
+        "test-time augmentation views": tta, "dermray": __version__, "evaluated at (UTC)":
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    config = read_checkpoint_state(checkpoint)["config"]
+    report_uri = storage.write_text(storage.join(out, "report.html"), render_report(
+        f"dermray evaluation: {split} split", metrics, figures, config, provenance))
+    malignant = metrics.get("malignant") or {}
+    headline = {key: metrics.get(key) for key in HEADLINE_KEYS} | {
+        "malignant_sensitivity": malignant.get("sensitivity"), "malignant_specificity": malignant.get("specificity")}
+    return {"report": report_uri, "metrics_file": storage.join(out, "metrics.json"), "out": out, "split": split,
+            "tta": tta, "metrics": headline, "confidence_intervals": metrics["confidence_intervals"],
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+EPILOG = textwrap.dedent(
+    """\
+    writes to --out (default <checkpoint>/eval-<split>): metrics.json, report.html, roc_per_class.png,
+    roc_malignant.png (with a taxonomy), confusion.png, reliability.png, predictions.parquet.
+
+    example:
+      dermray evaluate --checkpoint ./dermray-store/runs/default/checkpoint_2026-... \\
+                       --manifest ./dermray-store/datasets/synthetic --split test --tta 8
+    """
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics, plots and an HTML report of a checkpoint on a split",
+        description="Evaluate a checkpoint on one split of a manifest (a Ray Data inference job): accuracy, "
+        "balanced accuracy, one-vs-rest and melanoma/malignant ROC AUC, per-class sensitivity/specificity/"
+        "precision, calibration, bootstrap 95% intervals, ROC/confusion/reliability plots and report.html.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint_* folder of a run (local or s3://)")
+    p.add_argument("--manifest", required=True, help="manifest from `dermray stage` (folder or .parquet)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--out", help="output folder or prefix (default: <checkpoint>/eval-<split>)")
+    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views, 1 (off) to 8 (default: 1)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    summary = evaluate(args.checkpoint, args.manifest, args.split, args.out, args.tta, args.bootstrap)
+    print(f"[dermray] evaluate: report at {summary['report']}", file=sys.stderr, flush=True)
+    return summary

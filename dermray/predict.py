@@ -1,0 +1,139 @@
+"""``dermray predict``: distributed batch inference over a manifest or a plain folder/prefix of images.
+
+A Ray Data job: list the images, read and decode them on CPU tasks, run the model in an actor pool (one actor per
+GPU when the cluster has GPUs), and write Parquet files under ``<out>/predictions/`` with, per image, its URI, the
+predicted class and confidence, every class probability (``p_<class>``) and the coarse probabilities through the
+taxonomy (``p_malignant``, ``p_benign``). An unreadable image is a row with its reason in ``error`` and no
+prediction: reported, never fatal, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from dermray import storage
+from dermray.checkpoint import input_geometry, read_checkpoint_meta
+from dermray.errors import DermrayError
+from dermray.manifest import MANIFEST_NAME, read_manifest
+from dermray.sources import IMAGE_EXTENSIONS
+from dermray.taxonomy import coarse_probabilities
+
+PREDICTIONS = "predictions"
+
+
+def input_rows(input_uri: str) -> tuple[pa.Table, str]:
+    """The images to predict: every row of a manifest, or every image file under a folder or prefix."""
+    uri = storage.normalize(input_uri)
+    manifest_file = uri if uri.endswith(".parquet") else storage.join(uri, MANIFEST_NAME)
+    if storage.is_file(manifest_file):
+        manifest = read_manifest(manifest_file)
+        return manifest.table.select(["image_uri", "label_name", "split"]), "manifest"
+    if not storage.is_dir(uri):
+        raise DermrayError(f"predict: --input {input_uri} is neither a manifest nor a folder of images")
+    images = [u for u in storage.list_files(uri) if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise DermrayError(f"predict: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri}")
+    return pa.table({"image_uri": images}), "folder"
+
+
+def prediction_columns(batch: dict[str, np.ndarray], classes: list[str], tree: dict | None) -> dict[str, np.ndarray]:
+    """Predictor output -> the Parquet columns (probabilities per class, coarse probabilities, decision)."""
+    probs = batch.pop("probs")
+    good = ~np.isnan(probs).any(axis=1)
+    out = dict(batch)
+    out["predicted"] = np.array([classes[i] if ok else None for i, ok in zip(probs.argmax(axis=1), good)],
+                                dtype=object)
+    out["confidence"] = np.where(good, np.nan_to_num(probs).max(axis=1), np.nan).astype(np.float32)
+    for c, name in enumerate(classes):
+        out[f"p_{name}"] = probs[:, c].astype(np.float32)
+    if tree:
+        for coarse, values in coarse_probabilities(probs, classes, tree).items():
+            out[f"p_{coarse}"] = values.astype(np.float32)
+    return out
+
+
+def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: bool = False) -> dict:
+    import pyarrow.dataset as pads
+    import ray
+
+    from dermray.inference import Predictor, actor_pool
+    from dermray.ingest import DecodeAndTransform
+    from dermray.ray_runtime import ensure_ray
+    from dermray.transforms import EvalPreset
+
+    started = time.monotonic()
+    meta = read_checkpoint_meta(checkpoint)
+    classes, tree = list(meta["classes"]), meta.get("taxonomy")
+    target = storage.join(storage.normalize(out), PREDICTIONS)
+    if storage.is_dir(target) and not overwrite:
+        raise DermrayError(f"predict: {target} already holds predictions (choose another --out or --overwrite)")
+    if storage.is_dir(target):
+        storage.delete(target)
+    rows, kind = input_rows(input_uri)
+    ensure_ray()
+    image_size, resize_ratio = input_geometry(checkpoint, meta)
+    preset = EvalPreset(image_size=image_size, resize_ratio=resize_ratio)
+    passthrough = tuple(c for c in rows.column_names)
+    blocks = max(1, min(rows.num_rows // 32, 200))
+    dataset = (
+        ray.data.from_arrow(rows).repartition(blocks)
+        .map_batches(DecodeAndTransform(preset, keep_failures=True, passthrough=passthrough), batch_size=32,
+                     batch_format="numpy")
+        .map_batches(Predictor, fn_constructor_kwargs={"checkpoint": storage.normalize(checkpoint), "tta": tta},
+                     batch_size=64, batch_format="numpy", **actor_pool(ray.cluster_resources()))
+        .map_batches(prediction_columns, fn_kwargs={"classes": classes, "tree": tree}, batch_format="numpy")
+    )
+    dataset.write_parquet(target if storage.is_s3(target) else storage.normalize(target))
+    fs, path = storage.resolve(target)
+    written = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_uri", "predicted",
+                                                                                   "error"])
+    errors = [(u, e) for u, e in zip(written["image_uri"].to_pylist(), written["error"].to_pylist()) if e]
+    for uri, reason in errors[:20]:
+        print(f"[dermray] predict: unreadable {uri}: {reason}", file=sys.stderr, flush=True)
+    counts = Counter(p for p in written["predicted"].to_pylist() if p is not None)
+    return {
+        "predictions": target, "input": storage.normalize(input_uri), "input_kind": kind,
+        "images": written.num_rows, "predicted": written.num_rows - len(errors), "unreadable": len(errors),
+        "per_class": {name: counts.get(name, 0) for name in classes}, "tta": tta,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+EPILOG = textwrap.dedent(
+    """\
+    --input is a manifest (folder holding manifest.parquet, or the .parquet) or any folder/prefix of images.
+    The Parquet files under <out>/predictions/ hold: image_uri, predicted, confidence, p_<class> for every
+    class, p_malignant/p_benign (with a taxonomy), error (the reason an image could not be read, else empty).
+
+    example:
+      dermray predict --checkpoint s3://bucket/runs/isic/checkpoint_... --input s3://bucket/new-photos/ \\
+                      --out s3://bucket/predictions/2026-11-22
+    """
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="distributed batch inference over a manifest or a folder of images",
+        description="Batch inference with Ray Data: decode on CPU tasks, the model in an actor pool (GPU actors "
+        "when the cluster has GPUs); unreadable images are reported, not fatal.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint_* folder of a run (local or s3://)")
+    p.add_argument("--input", required=True, help="a manifest, or a folder/prefix of images (local or s3://)")
+    p.add_argument("--out", required=True, help="output folder or prefix; Parquet goes to <out>/predictions/")
+    p.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
+                   help="test-time augmentation views (default: 1, off)")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions already under --out")
+
+
+def run(args: argparse.Namespace) -> dict:
+    return predict(args.checkpoint, args.input, args.out, args.tta, args.overwrite)

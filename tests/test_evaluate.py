@@ -1,0 +1,119 @@
+"""evaluate / predict / explain end to end on a checkpoint trained in the session on the real ISIC 2018 sample,
+on the session's real local Ray instance; outputs go to the S3 endpoint on loopback where noted, and one test
+goes through the command line for the JSON-line contract."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from dermray import storage
+from dermray.errors import DermrayError
+from dermray.evaluate import evaluate
+from dermray.explain import explain
+from dermray.manifest import read_manifest
+from dermray.predict import predict
+
+pytestmark = pytest.mark.slow
+HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+MALIGNANT = ["akiec", "bcc", "mel"]
+
+
+def test_evaluate_writes_metrics_plots_and_report_to_s3(isic_checkpoint, isic2018_manifest_local, bucket):
+    out = f"s3://{bucket}/eval-test"
+    summary = evaluate(isic_checkpoint, isic2018_manifest_local, "test", out, bootstrap=50)
+    for name in ("metrics.json", "report.html", "roc_per_class.png", "roc_malignant.png", "confusion.png",
+                 "reliability.png", "predictions.parquet"):
+        assert storage.exists(f"{out}/{name}"), name
+    for name in ("roc_per_class.png", "roc_malignant.png", "confusion.png", "reliability.png"):
+        assert Image.open(io.BytesIO(storage.read_bytes(f"{out}/{name}"))).size[0] > 300
+    metrics = json.loads(storage.read_text(f"{out}/metrics.json"))
+    manifest = read_manifest(isic2018_manifest_local)
+    assert manifest.classes == HAM
+    assert metrics["images"] == manifest.split("test").num_rows
+    # metrics.json agrees with scikit-learn recomputed on the written predictions.
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/predictions.parquet")))
+    probs = np.stack([table[f"p_{c}"].to_numpy() for c in HAM], axis=1)
+    labels = table["label"].to_numpy()
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, probs.argmax(1)))
+    malignant = np.isin(labels, [HAM.index(c) for c in MALIGNANT])
+    expected = roc_auc_score(malignant, probs[:, [HAM.index(c) for c in MALIGNANT]].sum(1))
+    assert metrics["malignant_auc"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["melanoma_auc"] == pytest.approx(roc_auc_score(labels == HAM.index("mel"), probs[:, 4]), abs=1e-6)
+    assert set(metrics["per_class"]) == set(HAM)
+    assert set(metrics["malignant"]["sensitivity_at_specificity"]) == {"0.80", "0.90", "0.95"}
+    report = storage.read_text(summary["report"])
+    assert report.count("data:image/png;base64,") == 4 and "balanced accuracy" in report
+    assert isic_checkpoint in report and "Model configuration" in report
+    assert summary["metrics"]["accuracy"] == metrics["accuracy"]
+
+
+def test_tta_averages_eight_views(isic_checkpoint, isic2018_manifest_local, tmp_path):
+    plain = evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t1"), tta=1, bootstrap=0)
+    tta = evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t8"), tta=8, bootstrap=0)
+    assert plain["metrics"]["images"] == tta["metrics"]["images"]
+    assert tta["metrics"]["log_loss"] != plain["metrics"]["log_loss"]
+    with pytest.raises(DermrayError, match="--tta must be between 1"):
+        evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t9"), tta=9)
+
+
+def test_predict_over_a_folder_reports_unreadable_images(isic_checkpoint, tmp_path):
+    from tests.conftest import data_path
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for image in sorted(data_path("isic2018-sample", "images").iterdir())[:40]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "notes.txt").write_text("not an image: not listed")
+    summary = predict(isic_checkpoint, str(folder), str(tmp_path / "out"))
+    assert summary["images"] == 41 and summary["unreadable"] == 1 and summary["predicted"] == 40
+    table = pads.dataset(summary["predictions"], format="parquet").to_table().to_pandas()
+    assert len(table) == 41
+    broken = table[table["image_uri"].str.endswith("zz_broken.jpg")].iloc[0]
+    assert "not an image" in broken["error"] and pd.isna(broken["predicted"])
+    good = table[table["error"] == ""]
+    assert np.allclose(good[[f"p_{c}" for c in HAM]].to_numpy().sum(axis=1), 1.0, atol=1e-4)
+    assert np.allclose(good["p_malignant"] + good["p_benign"], 1.0, atol=1e-4)
+    assert good["predicted"].isin(HAM).all()
+    with pytest.raises(DermrayError, match="already holds predictions"):
+        predict(isic_checkpoint, str(folder), str(tmp_path / "out"))
+
+
+def test_predict_over_a_manifest_on_the_command_line(isic_checkpoint, isic2018_manifest_local, bucket):
+    result = subprocess.run([sys.executable, "-m", "dermray", "predict", "--checkpoint", isic_checkpoint,
+                             "--input", isic2018_manifest_local, "--out", f"s3://{bucket}/predict"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["input_kind"] == "manifest" and summary["images"] == 300 and summary["unreadable"] == 0
+    assert sum(summary["per_class"].values()) == 300
+
+
+def test_explain_writes_saliency_and_tsne(isic_checkpoint, isic2018_manifest_local, tmp_path):
+    summary = explain(isic_checkpoint, isic2018_manifest_local, str(tmp_path / "explain"), per_class=2)
+    saliency = Image.open(io.BytesIO(storage.read_bytes(summary["saliency"])))
+    tsne = Image.open(io.BytesIO(storage.read_bytes(summary["tsne"])))
+    assert saliency.size[0] > 400 and tsne.size[0] > 300
+    assert summary["feature_dim"] == 512  # resnet18's penultimate layer
+    test_counts = read_manifest(isic2018_manifest_local).class_counts("test")
+    assert summary["saliency_examples"] == sum(min(2, n) for n in test_counts.values())  # 2 per class at most
+    points = storage.read_text(summary["tsne_points"]).strip().splitlines()
+    assert len(points) == summary["tsne_images"] + 1
+
+
+def test_a_manifest_of_other_classes_is_refused(isic_checkpoint, tmp_path):
+    from dermray.sources import SourceOptions
+    from dermray.stage import stage
+
+    other = stage("synthetic", SourceOptions(out=str(tmp_path), images_per_class=8, image_size=48))["manifest"]
+    with pytest.raises(DermrayError, match="was trained on classes"):
+        evaluate(isic_checkpoint, other)
