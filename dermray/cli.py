@@ -9,7 +9,7 @@ import os
 import sys
 import textwrap
 
-from dermray import evaluate, explain, predict
+from dermray import evaluate, explain, predict, tune
 from dermray.errors import DermrayError
 from dermray.sources import SOURCES
 
@@ -171,6 +171,7 @@ COMMANDS = {
     "evaluate": (evaluate.add_parser, evaluate.run),
     "predict": (predict.add_parser, predict.run),
     "explain": (explain.add_parser, explain.run),
+    "tune": (tune.add_parser, tune.run),
     "nightly": (_add_nightly, _run_nightly),
 }
 

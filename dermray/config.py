@@ -54,7 +54,7 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
-    image_size: int | None = Field(None, ge=32, le=1024)
+    image_size: int | None = Field(None, ge=16, le=1024)
     """Input side in pixels; none means the backbone's default (299 for inception_v3, else 224), or 64 px for the
     embedded synthetic dataset."""
     weights: str | None = None
@@ -169,6 +169,60 @@ class NightlyConfig(_Strict):
         return self
 
 
+class SearchDimension(_Strict):
+    """One searched hyperparameter of ``tune.space`` (keyed by its dotted config key, e.g. ``train.lr``)."""
+
+    type: Literal["loguniform", "uniform", "randint", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    """choice: sampled from; grid: every value is tried (times tune.num_samples)."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"a {self.type} dimension needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs 'low' < 'high'")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a loguniform dimension needs 'low' > 0")
+        return self
+
+
+def _default_space() -> dict[str, SearchDimension]:
+    return {
+        "train.lr": SearchDimension(type="loguniform", low=3e-4, high=1e-2),
+        "train.weight_decay": SearchDimension(type="loguniform", low=1e-5, high=1e-2),
+        "data.augment.rotation_degrees": SearchDimension(type="uniform", low=0.0, high=180.0),
+        "data.augment.vflip_p": SearchDimension(type="uniform", low=0.0, high=0.5),
+        "data.augment.brightness": SearchDimension(type="uniform", low=0.0, high=0.3),
+        "data.augment.scale_min": SearchDimension(type="uniform", low=0.25, high=0.9),
+    }
+
+
+class TuneSection(_Strict):
+    """``dermray tune``: the search space and the sweep; each trial is a full ``dermray train`` run."""
+
+    name: str = "sweep"
+    """The sweep's folder under run.storage (trials' runs, results table, plot, best config); the same name
+    resumes an interrupted sweep."""
+    space: dict[str, SearchDimension] = Field(default_factory=_default_space)
+    num_samples: int = Field(6, ge=1)
+    """Trials drawn from the space (with grid dimensions: repeats of the grid)."""
+    metric: str = "val_balanced_accuracy"
+    """Any metric a training epoch reports: val_balanced_accuracy, val_accuracy, val_roc_auc, val_loss, ..."""
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    """ASHA stops trials that trail the others at each rung (after grace_period epochs, then x reduction_factor)."""
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """None: as many as the cluster fits (GPUs, or CPUs beyond scaling.data_cpus), given the trial's workers."""
+    seed: int = 0
+    """Seeds the random search, so the same space and seed draw the same trials."""
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -176,6 +230,7 @@ class Config(_Strict):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     nightly: NightlyConfig = NightlyConfig()
+    tune: TuneSection = TuneSection()
 
     @property
     def image_size(self) -> int:
@@ -226,16 +281,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """Set ``data["a"]["b"]["c"] = value`` for the key ``a.b.c``, creating sections as needed."""
+    path = key.strip().split(".")
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise DermrayError(f"{key}: '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+    return data
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise DermrayError(f"--set {text}: '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, ".".join(path), value)
     return data
 
 
@@ -258,7 +320,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise DermrayError(f"config: {path} is not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise DermrayError(f"config: {path} must hold a mapping of sections (data, model, train, ...)")
-        data.pop("tune", None)  # the sweep section is read by `dermray tune`, not by a single run
     return config_from_dict(apply_overrides(data, overrides or []))
 
 

@@ -22,6 +22,7 @@ from torchvision.models.inception import InceptionOutputs
 
 from dermray import storage
 from dermray.errors import DermrayError
+from dermray.small_cnn import SmallCNN
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ BACKBONES: dict[str, BackboneSpec] = {
                      "classifier.1"),
         BackboneSpec("convnext_tiny", functools.partial(tvm.convnext_tiny, weights=None), 224,
                      "classifier.2"),
+        # For 28 px DermaMNIST-style inputs; trains from scratch (no ImageNet weights).
+        BackboneSpec("small_cnn", SmallCNN, 28, "fc", min_image_size=16),
     )
 }
 

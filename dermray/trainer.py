@@ -90,8 +90,9 @@ def latest_checkpoint(run_uri: str) -> str | None:
     return storage.join(run_uri, name) if name else None
 
 
-def train(config: Config) -> dict:
-    """Run (or resume) the training described by ``config``; returns the JSON summary."""
+def train(config: Config, callbacks: list | None = None) -> dict:
+    """Run (or resume) the training described by ``config``; returns the JSON summary (also written to
+    ``<run>/summary.json``). ``callbacks`` are Ray Train callbacks (a Tune sweep passes its report callback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -150,6 +151,7 @@ def train(config: Config) -> dict:
             name=config.run.name,
             storage_path=storage.storage_path_for_ray(config.run.storage),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            callbacks=callbacks,
             # Ray Train's own per-report INFO lines drown the per-epoch progress line; warnings still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -164,7 +166,9 @@ def train(config: Config) -> dict:
     except ray.train.TrainingFailedError as error:
         raise DermrayError(f"training failed: {str(error).strip().splitlines()[0]}") from None
     summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location))
-    return summary | {"classes_without_training_images": untrainable}
+    summary["classes_without_training_images"] = untrainable
+    storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
+    return summary
 
 
 def _checkpoint_uri(checkpoint, run_uri: str) -> str:

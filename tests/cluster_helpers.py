@@ -80,6 +80,8 @@ class LocalCluster:
     address: str = ""
     dashboard: str = ""
     env: dict = field(default_factory=dict)
+    env_overrides: dict = field(default_factory=dict)
+    """Extra environment for the nodes (their workers and jobs inherit it)."""
 
     def start(self) -> LocalCluster:
         ports = free_ports(3 + 6 * (1 + self.workers))
@@ -87,7 +89,7 @@ class LocalCluster:
         self.dashboard = f"http://{LOOPBACK}:{ports[1]}"
         # Token authentication is Ray's default: the head writes the token, the other nodes and every client
         # must run in token mode to read it.
-        self.env = dict(os.environ, RAY_TMPDIR=self.temp_dir, RAY_AUTH_MODE="token")
+        self.env = dict(os.environ, RAY_TMPDIR=self.temp_dir, RAY_AUTH_MODE="token", **self.env_overrides)
         common = [f"--num-cpus={self.cpus_per_node}", "--num-gpus=0", f"--node-ip-address={LOOPBACK}",
                   "--disable-usage-stats"]
         commands = [[RAY, "start", "--head", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",

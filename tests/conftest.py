@@ -8,6 +8,8 @@ environment of the driver at ``ray.init``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -27,16 +29,62 @@ def data_path(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's threaded S3 server on 127.0.0.1 (a real HTTP endpoint); tests may stop and restart it."""
-    from moto.server import ThreadedMotoServer
+_MOTO_PROCESS = """
+import sys
+from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    server._port = server.get_host_and_port()[1]  # a restart binds the same port again, not a new free one
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+server._port = server.get_host_and_port()[1]  # a restart binds the same port again, not a new free one
+print(server._port, flush=True)
+for line in sys.stdin:
+    command = line.strip()
+    if command == "stop":
+        server.stop()
+    elif command == "start":
+        server.start()
+    else:
+        break
+    print("ok", flush=True)
+"""
+
+
+class MotoProcess:
+    """moto's threaded S3 server in a process of its own. In the test process it would share the GIL with the
+    Ray driver, whose busy threads slow every S3 response a hundredfold. ``stop``/``start`` take the endpoint
+    down and bring it back on the same port with the same buckets (the state lives in that process)."""
+
+    def __init__(self, log_path: str) -> None:
+        with open(log_path, "w") as log:  # moto logs every request: keep them out of the test output
+            self.process = subprocess.Popen([sys.executable, "-c", _MOTO_PROCESS], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=log, text=True)
+        self.port = int(self.process.stdout.readline())
+
+    def get_host_and_port(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+    def _command(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "ok"
+
+    def stop(self) -> None:
+        self._command("stop")
+
+    def start(self) -> None:
+        self._command("start")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server, in its own process); tests may stop and restart it."""
+    server = MotoProcess(str(tmp_path_factory.mktemp("moto") / "requests.log"))
     yield server
-    server.stop()
+    server.close()
 
 
 def interrupt_s3(server, seconds: float) -> threading.Thread:

@@ -1,0 +1,286 @@
+"""``dermray tune``: a Ray Tune sweep in which every trial is a full ``dermray train`` run.
+
+The Ray Train V2 pattern (Ray 2.60): each Tune trial runs a small driver function that builds its own
+``TorchTrainer`` (so a trial can itself be multi-worker and multi-GPU) with a ``TuneReportCallback`` that forwards
+every epoch's validation metrics to Tune; ASHA stops the trials that trail at each rung. The trial's Train run is
+named after the trial id under ``<run.storage>/<tune.name>/``, so an interrupted sweep, launched again with the same
+name, restores the Tuner and each unfinished trial resumes from its own latest checkpoint.
+
+Outputs under ``<run.storage>/<tune.name>/``: ``trials.csv`` (one row per trial: hyperparameters, metric,
+epochs, status, checkpoint), ``sweep.png`` (the metric against each searched hyperparameter) and
+``best_config.yaml`` (the best trial's full config, which ``dermray train --config`` accepts as is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import textwrap
+import time
+
+from dermray import storage
+from dermray.config import Config, SearchDimension, TuneSection, config_from_dict, set_dotted, to_yaml
+from dermray.errors import DermrayError
+
+RESULTS = "trials.csv"
+TRIAL_CPU = 0.01  # the trial's driver only waits on its TorchTrainer, whose workers hold the real resources
+PLOT = "sweep.png"
+BEST_CONFIG = "best_config.yaml"
+
+
+def _sampler(dimension: SearchDimension):
+    from ray import tune
+
+    if dimension.type == "loguniform":
+        return tune.loguniform(dimension.low, dimension.high)
+    if dimension.type == "uniform":
+        return tune.uniform(dimension.low, dimension.high)
+    if dimension.type == "randint":
+        return tune.randint(int(dimension.low), int(dimension.high))
+    if dimension.type == "choice":
+        return tune.choice(dimension.values)
+    return tune.grid_search(dimension.values)
+
+
+def _probe_value(dimension: SearchDimension):
+    if dimension.values:
+        return dimension.values[0]
+    if dimension.type == "randint":
+        return int(dimension.low)
+    return dimension.low
+
+
+def trial_config(base: dict, overrides: dict) -> Config:
+    """The base config with one trial's sampled values set (keys are dotted config keys)."""
+    data = json.loads(json.dumps(base))
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def check_space(base: dict, space: dict[str, SearchDimension]) -> None:
+    """Refuse, in one line, a space naming a key the config does not have or a value it would reject."""
+    for key, dimension in space.items():
+        try:
+            trial_config(base, {key: _probe_value(dimension)})
+        except DermrayError as error:
+            raise DermrayError(f"tune.space.{key}: {error}") from None
+
+
+def concurrency(config: Config, cluster: dict) -> tuple[int, float]:
+    """(trials at once, CPUs per Train worker): GPU clusters fit trials by GPUs; CPU clusters share the CPUs
+    beyond scaling.data_cpus (which Ray Data keeps for decoding) among the trials' workers."""
+    workers = config.scaling.num_workers
+    if config.scaling.use_gpu:
+        fit = int(cluster.get("GPU", 0) // (workers * config.scaling.gpus_per_worker))
+        if fit < 1:
+            raise DermrayError(f"tune: a trial needs {workers * config.scaling.gpus_per_worker:g} GPU(s); the "
+                               f"cluster has {cluster.get('GPU', 0):g}")
+        trials = min(fit, config.tune.max_concurrent_trials or fit)
+        return trials, config.scaling.cpus_per_worker
+    free = max(cluster.get("CPU", 1.0) - config.scaling.data_cpus, 0.1 * workers)
+    fit = max(1, math.floor(free / (workers * config.scaling.cpus_per_worker)))
+    trials = min(fit, config.tune.max_concurrent_trials or fit)
+    # Each trial's driver holds TRIAL_CPU too: leave it out, or Ray Data is left 0.99 CPU and never schedules.
+    share = (free - trials * TRIAL_CPU) / (trials * workers)
+    return trials, math.floor(min(config.scaling.cpus_per_worker, share) * 1000) / 1000
+
+
+def _run_trial(sampled: dict, base: dict, sweep_storage: str) -> None:
+    """The Tune trainable: one `dermray train` run, named after the trial, reporting every epoch to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dermray.trainer import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = trial_config(base, sampled["overrides"])
+    config = config.model_copy(update={"run": config.run.model_copy(update={"name": trial_id,
+                                                                           "storage": sweep_storage})})
+    train(config, callbacks=[TuneReportCallback()])
+
+
+def _best_checkpoint(run_uri: str, metric: str, mode: str) -> str | None:
+    """The retained checkpoint of a trial's run with the best value of ``metric`` (Ray Train's snapshot)."""
+    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot):
+        return None
+    results = json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])
+    scored = [(r["metrics"][metric], r["checkpoint_dir_name"]) for r in results if metric in r.get("metrics", {})]
+    if not scored:
+        return None
+    _, name = (max if mode == "max" else min)(scored)
+    return storage.join(run_uri, name)
+
+
+def _results_table(results, config: Config, sweep_dir: str):
+    import pandas as pd
+
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        overrides = (result.config or {}).get("overrides", {})
+        metric = config.tune.metric
+        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
+        values = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
+        best = (values.max() if config.tune.mode == "max" else values.min()) if len(values) else None
+        trial_id = (result.metrics or {}).get("trial_id") or storage.basename(result.path)
+        if result.error:
+            status = "error"
+        elif epochs >= trial_config(config.model_dump(mode="json"), overrides).train.epochs:
+            status = "completed"
+        else:
+            status = "stopped early"
+        rows.append({"trial": trial_id, **overrides, metric: best,
+                     f"last_{metric}": float(values.iloc[-1]) if len(values) else None, "epochs": epochs,
+                     "status": status, "error": str(result.error).splitlines()[0] if result.error else "",
+                     "checkpoint": _best_checkpoint(storage.join(sweep_dir, trial_id), metric, config.tune.mode)})
+    return pd.DataFrame(rows)
+
+
+def _plot(table, space: dict[str, SearchDimension], metric: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(space)
+    figure, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.2), squeeze=False)
+    colours = {"completed": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
+    for axis, key in zip(axes[0], keys):
+        for status, group in table.groupby("status"):
+            axis.scatter(group[key], group[metric], label=status, color=colours.get(status, "grey"), s=28)
+        if space[key].type == "loguniform":
+            axis.set_xscale("log")
+        axis.set(xlabel=key, ylabel=metric if axis is axes[0][0] else None)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"sweep: best {metric} per trial against each searched hyperparameter", fontsize=10)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def sweep(config: Config) -> dict:
+    """Run (or resume) the sweep of ``config.tune``; returns the JSON summary."""
+    import functools
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from dermray.ray_runtime import ensure_ray
+    from dermray.trainer import embedded_manifest
+
+    started = time.monotonic()
+    settings: TuneSection = config.tune
+    ensure_ray()
+    # Stage the embedded data once here, not in every trial at the same time.
+    manifest = config.data.manifest or embedded_manifest(config)
+    trials_at_once, cpus_per_worker = concurrency(config, ray.cluster_resources())
+    base = config.model_copy(update={
+        "data": config.data.model_copy(update={"manifest": manifest}),
+        "scaling": config.scaling.model_copy(update={"cpus_per_worker": cpus_per_worker}),
+    }).model_dump(mode="json")
+    check_space(base, settings.space)
+    storage_root = storage.normalize(config.run.storage)
+    sweep_dir = storage.join(storage_root, settings.name)
+    trainable = tune.with_resources(
+        functools.partial(_run_trial, base=base, sweep_storage=sweep_dir),
+        {"CPU": TRIAL_CPU},
+    )
+    tune_path = storage.storage_path_for_ray(sweep_dir)
+    resumed = tune.Tuner.can_restore(tune_path)
+    if resumed:
+        print(f"[dermray] tune: resuming the sweep in {sweep_dir}", file=sys.stderr, flush=True)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
+    else:
+        epochs = base["train"]["epochs"]
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(
+            settings.grace_period, epochs), reduction_factor=settings.reduction_factor)
+            if settings.scheduler == "asha" else None)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"overrides": {key: _sampler(d) for key, d in settings.space.items()}},
+            tune_config=tune.TuneConfig(
+                metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples, scheduler=scheduler,
+                # The concurrency cap goes on the generator: Tune ignores max_concurrent_trials next to one.
+                search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=trials_at_once),
+            ),
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage.storage_path_for_ray(storage_root),
+                                      verbose=1),
+        )
+    print(f"[dermray] tune: {settings.num_samples} sample(s), {trials_at_once} trial(s) at a time, "
+          f"metric {settings.metric} ({settings.mode})", file=sys.stderr, flush=True)
+    results = tuner.fit()
+
+    table = _results_table(results, config, sweep_dir)
+    scored = table.dropna(subset=[settings.metric])
+    if scored.empty:
+        first_error = next((e for e in table["error"] if e), "no trial reported a metric")
+        raise DermrayError(f"tune: no trial produced {settings.metric} ({first_error})")
+    best = scored.sort_values(settings.metric, ascending=settings.mode == "min").iloc[0]
+    best_config = trial_config(base, {k: best[k] for k in settings.space}).model_copy(deep=True)
+    best_config = best_config.model_copy(update={"run": best_config.run.model_copy(update={
+        "name": f"{settings.name}-best", "storage": config.run.storage})})
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    results_uri = storage.write_text(storage.join(sweep_dir, RESULTS), buffer.getvalue())
+    plot_uri = storage.write_bytes(storage.join(sweep_dir, PLOT), _plot(table, settings.space, settings.metric))
+    best_config_uri = storage.write_text(storage.join(sweep_dir, BEST_CONFIG), to_yaml(best_config))
+    return {
+        "trials": int(len(table)), "completed": int((table["status"] == "completed").sum()),
+        "stopped_early": int((table["status"] == "stopped early").sum()),
+        "errors": int((table["status"] == "error").sum()), "metric": settings.metric,
+        "best_metric": float(best[settings.metric]), "best_trial": best["trial"],
+        "best_checkpoint": best["checkpoint"], "best_config": best_config_uri,
+        "best_hyperparameters": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()
+                                 if k in settings.space},
+        "results": results_uri, "plot": plot_uri, "resumed": resumed,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+EPILOG = textwrap.dedent(
+    """\
+    with no arguments: sweeps the embedded default (synthetic data, resnet18 at 64 px) over learning rate,
+    weight decay and augmentation strengths. The space lives in the YAML's tune: section, e.g.
+
+      tune:
+        name: isic-r50-sweep
+        num_samples: 16
+        metric: val_balanced_accuracy
+        mode: max
+        space:
+          train.lr: {type: loguniform, low: 0.0001, high: 0.01}
+          data.augment.rotation_degrees: {type: uniform, low: 0, high: 180}
+          data.augment.hflip_p: {type: choice, values: [0.0, 0.5]}
+
+    launching the same tune.name again resumes an interrupted sweep. Then train the winner:
+      dermray train --config <run.storage>/<tune.name>/best_config.yaml
+    """
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from dermray.cli import add_config_arguments
+
+    p = sub.add_parser(
+        "tune", help="hyperparameter sweep (Ray Tune + ASHA), each trial a full training run",
+        description="A Ray Tune sweep over the YAML's tune.space; every trial is a Ray Train run (itself "
+        "multi-worker/multi-GPU as configured), ASHA stops trailing trials, results go to "
+        "<run.storage>/<tune.name>/ (trials.csv, sweep.png, best_config.yaml).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(p, "tune.num_samples=16")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from dermray.config import load_config
+
+    return sweep(load_config(args.config, args.overrides))

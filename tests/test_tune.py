@@ -1,0 +1,106 @@
+"""A small real sweep on the local Ray instance: the sweep is killed mid-way (the whole `dermray tune` process
+group), launched again with the same name, resumes, and runs to completion with ASHA stopping the trials that
+trail; the results table, plot, best checkpoint and best config are checked."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from dermray import storage
+from dermray.config import config_from_dict, load_config
+from dermray.errors import DermrayError
+from dermray.sources import SourceOptions
+from dermray.stage import stage
+from dermray.tune import check_space, concurrency, sweep
+from tests.cluster_helpers import kill_matching
+
+
+def _sweep_yaml(path, manifest: str, runs: str) -> str:
+    # Four trials from a grid: two learning rates that learn and two far too small to, so that ASHA has trials
+    # to stop at its first rung whatever the noise of a 3-epoch run.
+    path.write_text(yaml.safe_dump({
+        "data": {"manifest": manifest},
+        "model": {"backbone": "resnet18", "image_size": 32},
+        "train": {"epochs": 3, "batch_size": 16, "schedule": "constant"},
+        "run": {"storage": runs},
+        "tune": {"name": "small-sweep", "num_samples": 1, "metric": "val_accuracy", "mode": "max",
+                 "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1,
+                 "space": {"train.lr": {"type": "grid", "values": [0.003, 1e-7, 0.002, 1e-7]},
+                           "data.augment.rotation_degrees": {"type": "uniform", "low": 0, "high": 90}}},
+    }))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_sweep_interrupted_resumed_with_asha(ray_local, tmp_path):
+    manifest = stage("synthetic", SourceOptions(out=str(tmp_path / "data"), images_per_class=24,
+                                                image_size=48))["manifest"]
+    config_path = _sweep_yaml(tmp_path / "sweep.yaml", manifest, str(tmp_path / "runs"))
+    sweep_dir = tmp_path / "runs" / "small-sweep"
+
+    temp_dir = f"/tmp/drt-{os.getpid()}"
+    env = dict(os.environ, RAY_TMPDIR=temp_dir)
+    env.pop("RAY_ADDRESS", None)
+    job = subprocess.Popen([sys.executable, "-m", "dermray", "tune", "--config", config_path], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:  # until the first trial has checkpointed an epoch
+            if any(sweep_dir.glob("*/checkpoint_manager_snapshot.json")) and any(sweep_dir.glob("experiment_state*")):
+                break
+            assert job.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(0.5)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+    finally:
+        kill_matching([temp_dir])
+
+    summary = sweep(load_config(config_path))
+    assert summary["resumed"] is True
+    assert summary["trials"] == 4
+    assert summary["stopped_early"] >= 1, summary
+    assert summary["completed"] >= 1 and summary["errors"] == 0
+    table = pd.read_csv(summary["results"])
+    assert len(table) == 4 and set(table["status"]) <= {"completed", "stopped early"}
+    assert sorted(table["train.lr"]) == sorted([0.003, 1e-7, 0.002, 1e-7])
+    stopped = table[table["status"] == "stopped early"]
+    assert (stopped["epochs"] < 3).all()
+    assert summary["best_metric"] == pytest.approx(table["val_accuracy"].max())
+    assert summary["best_hyperparameters"]["train.lr"] in (0.003, 0.002)
+    assert storage.exists(storage.join(summary["best_checkpoint"], "state.pt"))
+    assert storage.is_file(summary["plot"])
+    best = load_config(summary["best_config"])  # `dermray train --config` accepts it as is
+    assert best.train.lr == summary["best_hyperparameters"]["train.lr"]
+    assert best.run.name == "small-sweep-best" and best.data.manifest == manifest
+
+
+def test_a_space_key_the_config_lacks_is_one_line():
+    config = config_from_dict({"tune": {"space": {"train.lrr": {"type": "uniform", "low": 0, "high": 1}}}})
+    with pytest.raises(DermrayError, match="tune.space.train.lrr: config: train.lrr: unknown key"):
+        check_space(config.model_dump(mode="json"), config.tune.space)
+
+
+def test_bad_dimensions_are_refused():
+    with pytest.raises(DermrayError, match="loguniform dimension needs 'low' > 0"):
+        config_from_dict({"tune": {"space": {"train.lr": {"type": "loguniform", "low": 0, "high": 1}}}})
+    with pytest.raises(DermrayError, match="needs a non-empty 'values'"):
+        config_from_dict({"tune": {"space": {"train.lr": {"type": "choice"}}}})
+
+
+def test_concurrency_follows_the_cluster():
+    cpu = load_config(None, ["scaling.num_workers=1", "scaling.data_cpus=1"])
+    # One trial on 2 CPUs: its worker takes what is left after Ray Data's CPU and the trial driver's 0.01.
+    assert concurrency(cpu, {"CPU": 2}) == (1, 0.99)
+    assert concurrency(cpu, {"CPU": 9}) == (8, 0.99)
+    capped = load_config(None, ["tune.max_concurrent_trials=3"])
+    assert concurrency(capped, {"CPU": 9}) == (3, 1.0)
+    gpu = load_config(None, ["scaling.use_gpu=true", "scaling.num_workers=2"])
+    assert concurrency(gpu, {"CPU": 64, "GPU": 8})[0] == 4
+    with pytest.raises(DermrayError, match="needs 2 GPU"):
+        concurrency(gpu, {"CPU": 64, "GPU": 1})
