@@ -9,7 +9,7 @@ import os
 import sys
 import textwrap
 
-from dermray import evaluate, explain, predict, tune
+from dermray import bench, evaluate, explain, predict, tune
 from dermray.errors import DermrayError
 from dermray.sources import SOURCES
 
@@ -53,7 +53,11 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-col", help="csv source: lesion/patient column; images of one group share a split")
     p.add_argument("--classes", help="comma-separated class order (default: the source's own, or sorted)")
     p.add_argument("--images-per-class", type=int, default=150, help="synthetic source (default: 150)")
-    p.add_argument("--image-size", type=int, default=96, help="synthetic source: side in pixels (default: 96)")
+    p.add_argument("--image-size", type=int, help="synthetic source: side in pixels (default 96); with --pack: the "
+                   "longest side of the packed images (default 256)")
+    p.add_argument("--pack", action="store_true", help="also write the images resized into Parquet shards "
+                   "(a few large objects instead of one per image; training reads them transparently)")
+    p.add_argument("--rows-per-shard", type=int, default=2000, help="with --pack: images per shard (default 2000)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="when the source has no splits (default 0.15)")
     p.add_argument("--test-fraction", type=float, default=0.15, help="when the source has no splits (default 0.15)")
     p.add_argument("--seed", type=int, default=0, help="split and generator seed (default: 0)")
@@ -78,10 +82,14 @@ def _run_stage(args: argparse.Namespace) -> dict:
         group_col=args.group_col,
         classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
         images_per_class=args.images_per_class,
-        image_size=args.image_size,
+        image_size=args.image_size or 96,
         seed=args.seed,
     )
-    return stage(args.source, options, fractions, seed=args.seed)
+    if args.pack and (args.rows_per_shard < 1 or (args.image_size is not None and args.image_size < 16)):
+        raise DermrayError("--pack: --rows-per-shard must be >= 1 and --image-size >= 16")
+    pack_size = (args.image_size or 256) if args.pack else None
+    return stage(args.source, options, fractions, seed=args.seed, pack_size=pack_size,
+                 rows_per_shard=args.rows_per_shard)
 
 
 TRAIN_EPILOG = textwrap.dedent(
@@ -173,6 +181,7 @@ COMMANDS = {
     "explain": (explain.add_parser, explain.run),
     "tune": (tune.add_parser, tune.run),
     "nightly": (_add_nightly, _run_nightly),
+    "bench": (bench.add_parser, bench.run),
 }
 
 

@@ -47,12 +47,14 @@ class DecodeAndTransform:
     """Keep unreadable rows (a blank image and the reason in an ``error`` column, "" for good rows) instead of
     dropping them: batch prediction reports them rather than losing them."""
 
-    def _load(self, uri: str) -> np.ndarray | str:
+    def _load(self, source: str | bytes) -> np.ndarray | str:
+        """``source``: an image URI (per-image layout) or the image's bytes (packed shards)."""
         # A file deleted or damaged since staging is dropped and logged. Any other storage error (the endpoint
         # still unreachable after storage's retries) fails the task instead: Ray retries it, and a run that
         # still fails resumes from its last checkpoint, rather than silently training on fewer images.
         try:
-            image = decode_rgb(storage.read_bytes(uri), min_side=decode_size_hint(self.preset))
+            data = source if isinstance(source, bytes) else storage.read_bytes(source)
+            image = decode_rgb(data, min_side=decode_size_hint(self.preset))
         except (UnreadableImage, FileNotFoundError) as error:
             return f"{type(error).__name__}: {error}"
         # Fresh OS entropy per image: Ray worker processes would otherwise repeat the same augmentations.
@@ -60,8 +62,10 @@ class DecodeAndTransform:
         return self.preset(image, rng)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with ThreadPoolExecutor(min(self.read_threads, len(batch["image_uri"]))) as pool:
-            results = list(pool.map(self._load, batch["image_uri"]))
+        # Packed shards carry the bytes in "image"; the per-image layout reads each "image_uri" from storage.
+        sources = batch["image"] if "image" in batch else batch["image_uri"]
+        with ThreadPoolExecutor(max(1, min(self.read_threads, len(sources)))) as pool:
+            results = list(pool.map(self._load, sources))
         size = self.preset.image_size
         if self.keep_failures:
             keep = list(range(len(results)))
@@ -115,7 +119,12 @@ def build_dataset(
     if rows.num_rows == 0:
         present = sorted(set(manifest.table["split"].to_pylist()))
         raise DermrayError(f"manifest has no images in split '{split}' (splits present: {', '.join(present)})")
+    transform = DecodeAndTransform(preset, read_threads, tuple(passthrough))
+    if manifest.packed and not balanced:
+        return _packed_dataset(manifest, split, rows.num_rows, shuffle).map_batches(
+            transform, batch_size=32, batch_format="numpy")
     if balanced:
+        # Resampling needs the row list: balanced sampling reads the per-image layout even when packed.
         rows = balanced_rows(rows, len(manifest.classes), seed)
     # Enough blocks for every CPU to decode in parallel, while keeping each task's overhead amortised.
     blocks = max(1, min(rows.num_rows // 32, 64))
@@ -123,8 +132,22 @@ def build_dataset(
     if shuffle:
         # Shuffling the tiny manifest rows (not the decoded pixels) is cheap; it re-runs every epoch.
         ds = ds.random_shuffle()
-    return ds.map_batches(DecodeAndTransform(preset, read_threads, tuple(passthrough)), batch_size=32,
-                          batch_format="numpy")
+    return ds.map_batches(transform, batch_size=32, batch_format="numpy")
+
+
+def _packed_dataset(manifest: Manifest, split: str, expected_rows: int, shuffle: bool):
+    """The split's packed shards as a Ray Data dataset of (image bytes, image_uri, label, group_id) rows."""
+    import ray
+
+    prefix = storage.join(manifest.packed, split)
+    files = [f for f in storage.list_files(prefix) if f.endswith(".parquet")]
+    if not files:
+        raise DermrayError(f"manifest names packed shards at {prefix} but there are none (re-stage with --pack)")
+    # Rows were shuffled when packed; a new file order every epoch, plus the loop's local shuffle buffer, mixes
+    # batches without moving the image bytes around the cluster.
+    ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None)
+    blocks = max(1, min(expected_rows // 32, 64))
+    return ds.repartition(blocks) if len(files) < blocks else ds
 
 
 def normalize_on_device(images, device, channels_last: bool = True):

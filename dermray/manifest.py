@@ -47,6 +47,11 @@ class Manifest:
     classes: list[str]
     source: str
     taxonomy: str | None = None
+    packed: str | None = None
+    """The packed layout, when staged with --pack: the prefix holding ``<split>/*.parquet`` shards of resized JPEG
+    bytes (with image_uri, label and group per row); training reads those instead of one object per image."""
+    packed_size: int | None = None
+    """The longest side, in pixels, of the images in the shards."""
 
     def split(self, name: str) -> pa.Table:
         return self.table.filter(pc.equal(self.table["split"], name))
@@ -72,6 +77,9 @@ def write_manifest(uri: str, manifest: Manifest) -> str:
         b"dermray.source": manifest.source.encode(),
         b"dermray.taxonomy": (manifest.taxonomy or "").encode(),
     }
+    if manifest.packed:
+        metadata[b"dermray.packed"] = manifest.packed.encode()
+        metadata[b"dermray.packed_size"] = str(manifest.packed_size).encode()
     table = manifest.table.cast(SCHEMA).replace_schema_metadata(metadata)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -96,4 +104,6 @@ def read_manifest(uri: str) -> Manifest:
         classes=json.loads(meta[b"dermray.classes"]),
         source=meta.get(b"dermray.source", b"").decode(),
         taxonomy=meta.get(b"dermray.taxonomy", b"").decode() or None,
+        packed=meta.get(b"dermray.packed", b"").decode() or None,
+        packed_size=int(meta[b"dermray.packed_size"]) if b"dermray.packed_size" in meta else None,
     )

@@ -23,6 +23,7 @@ from dermray import storage
 from dermray.errors import DermrayError
 from dermray.imaging import UnreadableImage, probe_image
 from dermray.manifest import Manifest, hash_group, manifest_uri, read_manifest, write_manifest
+from dermray.pack import DEFAULT_ROWS_PER_SHARD, pack_shards
 from dermray.sources import SOURCES, Collected, SourceOptions
 from dermray.splits import SplitFractions, assign_splits
 from dermray.taxonomy import infer_taxonomy
@@ -95,8 +96,10 @@ def _write_skipped(uri: str, skipped: list[tuple[str, str]]) -> str:
     return storage.write_text(uri, buffer.getvalue())
 
 
-def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFractions(), seed: int = 0) -> dict:
-    """Stage a dataset into ``<opts.out>/manifest.parquet`` and return the JSON summary."""
+def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFractions(), seed: int = 0,
+          pack_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> dict:
+    """Stage a dataset into ``<opts.out>/manifest.parquet`` and return the JSON summary. With ``pack_size``,
+    also write packed shards of the images resized to that longest side (see ``dermray.pack``)."""
     if source not in SOURCES:
         raise DermrayError(f"stage: unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
     started = time.monotonic()
@@ -142,7 +145,14 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
     )
     taxonomy = collected.taxonomy or infer_taxonomy(collected.classes)
     manifest = Manifest(table, collected.classes, source, taxonomy)
+    previous_shards = read_manifest(manifest_uri(out)).packed if storage.exists(manifest_uri(out)) else None
+    if pack_size:
+        # Shards first, manifest last: a reader of the manifest never meets half-written shards.
+        manifest.packed = pack_shards(table, out, pack_size, rows_per_shard, stamp=time.strftime("%Y%m%dT%H%M%S"))
+        manifest.packed_size = pack_size
     uri = write_manifest(manifest_uri(out), manifest)
+    if previous_shards and previous_shards != manifest.packed and storage.is_dir(previous_shards):
+        storage.delete(previous_shards)  # superseded by this staging (or by the per-image layout)
     report = skipped + [(u, "image file not named in the labels file (unlisted)") for u in collected.unlisted]
     skipped_uri = _write_skipped(storage.join(out, SKIPPED_NAME), report)
 
@@ -158,6 +168,7 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
         "classes": collected.classes,
         "splits": {name: split_counts.get(name, 0) for name in sorted(split_counts)},
         "per_class": {split: manifest.class_counts(split) for split in sorted(split_counts)},
+        "packed": manifest.packed,
         "seconds": round(time.monotonic() - started, 1),
     }
     storage.write_text(storage.join(out, "stage_summary.json"), json.dumps(summary, indent=2))

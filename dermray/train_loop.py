@@ -155,11 +155,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     pin = device.type == "cuda"
 
-    def batches(shard, drop_last: bool):
+    def batches(shard, training: bool):
+        # A small local shuffle buffer mixes training batches further (packed shards arrive shard by shard).
         return shard.iter_torch_batches(
             batch_size=config.train.batch_size, prefetch_batches=config.data.prefetch_batches,
             dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu", pin_memory=pin,
-            drop_last=drop_last,
+            drop_last=training, local_shuffle_buffer_size=4 * config.train.batch_size if training else None,
         )
 
     nodes = _worker_nodes()
@@ -185,10 +186,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         frozen_bn = (lambda m: freeze_batchnorm_stats(m, config.model.backbone)) if phase == "head" else None
         stats = train_one_epoch(
-            ddp_model, batches(train_shard, drop_last=True), optimizer, scheduler, criterion, device,
+            ddp_model, batches(train_shard, training=True), optimizer, scheduler, criterion, device,
             config.train.amp, config.train.aux_loss_weight, after_train_mode=frozen_bn,
         )
-        probs, labels = predict(ddp_model, batches(val_shard, drop_last=False), device, config.train.amp)
+        probs, labels = predict(ddp_model, batches(val_shard, training=False), device, config.train.amp)
         probs, labels = _gather_predictions(probs, labels)
         val = classification_metrics(probs, labels, len(classes))
         images = _sum_over_workers(stats.images, device)

@@ -1,0 +1,264 @@
+"""``dermray bench``: measured throughput of the ingest pipeline and of training, against the alternatives.
+
+``bench ingest`` runs, on the same files and the same per-image work (read the bytes from storage, Pillow decode
+with draft mode, the train augmentation preset to N px), (a) the Ray Data pipeline feeding a consumer that does
+nothing, (b) a ``torch.utils.data.DataLoader`` with as many worker processes as Ray Data had CPUs, (c) one
+process decoding in a loop (the per-core bound), and with ``--pack`` (d) the packed-shard layout through Ray Data.
+
+``bench train`` measures training images/s of one worker: synthetic in-memory uint8 batches (the compute bound)
+against the real pipeline from a manifest, and their ratio; AMP (bf16) and channels-last on a GPU.
+
+Both print a table on stderr and one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from dermray import storage
+from dermray.config import AugmentConfig
+from dermray.errors import DermrayError
+from dermray.sources import IMAGE_EXTENSIONS
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident memory of this process and of its finished children (DataLoader workers), in GiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024 / 1024, 2)
+
+
+def _timed(batches: Iterable, seconds: float, count: Callable[[object], int]) -> tuple[float, int]:
+    """images/s of iterating ``batches`` for about ``seconds`` (the first batch, a warm-up, not counted)."""
+    iterator = iter(batches)
+    next(iterator)
+    images, started = 0, time.perf_counter()
+    for batch in iterator:
+        images += count(batch)
+        if time.perf_counter() - started >= seconds:
+            break
+    elapsed = time.perf_counter() - started
+    return (images / elapsed if elapsed > 0 else 0.0), images
+
+
+def _repeat(make: Callable[[], Iterable]) -> Iterable:
+    """Epoch after epoch of a finite iterable (so a timed run can outlast a small image set)."""
+    while True:
+        yield from make()
+
+
+class _ImageFiles:
+    """torch Dataset for the DataLoader baseline: exactly the per-image work of the Ray Data map function."""
+
+    def __init__(self, uris: list[str], preset):
+        self.uris, self.preset = uris, preset
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from dermray.imaging import decode_rgb
+        from dermray.transforms import decode_size_hint
+
+        image = decode_rgb(storage.read_bytes(self.uris[index]), min_side=decode_size_hint(self.preset))
+        return self.preset(image, np.random.default_rng())
+
+
+def _dataloader_rate(dataset: _ImageFiles, workers: int, batch_size: int, seconds: float) -> float:
+    """images/s of a DataLoader with ``workers`` processes (which exit when it goes out of scope here)."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         persistent_workers=True, prefetch_factor=4)
+    rate, _ = _timed(_repeat(lambda: loader), seconds, lambda batch: len(batch))
+    return rate
+
+
+def list_images(images: str, limit: int | None) -> list[str]:
+    uris = [u for u in storage.list_files(images) if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
+    if not uris:
+        raise DermrayError(f"bench: no image files under {images}")
+    return uris[:limit] if limit else uris
+
+
+def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack: bool = False,
+                 pack_size: int = 256, limit: int | None = None, batch_size: int = 32) -> dict:
+    import pyarrow as pa
+    import ray
+
+    from dermray.ingest import build_dataset, train_preset
+    from dermray.manifest import Manifest
+    from dermray.ray_runtime import ensure_ray
+
+    uris = list_images(images, limit)
+    preset = train_preset(image_size, AugmentConfig(rotation_degrees=180))
+    ensure_ray()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    table = pa.table({"image_uri": uris, "label": pa.array([0] * len(uris), pa.int32()),
+                      "label_name": ["x"] * len(uris), "group_id": uris, "split": ["train"] * len(uris),
+                      "source": ["bench"] * len(uris), "width": pa.array([0] * len(uris), pa.int32()),
+                      "height": pa.array([0] * len(uris), pa.int32())})
+    manifest = Manifest(table, ["x", "y"], "bench")
+
+    def count(batch) -> int:
+        return len(batch["image"])
+
+    def ray_epochs(source: Manifest):
+        return _repeat(lambda: build_dataset(source, "train", preset).iter_batches(
+            batch_size=batch_size, batch_format="numpy", prefetch_batches=4))
+
+    results: dict = {"images": len(uris), "image_size": image_size, "cpus": cpus, "seconds": seconds}
+    print(f"[dermray] bench ingest: {len(uris)} images from {storage.normalize(images)}, {cpus} CPUs, "
+          f"{seconds:.0f}s per measurement", file=sys.stderr, flush=True)
+    results["ray_data_images_per_s"], _ = _timed(ray_epochs(manifest), seconds, count)
+
+    results["dataloader_images_per_s"] = _dataloader_rate(_ImageFiles(uris, preset), cpus, batch_size, seconds)
+
+    dataset = _ImageFiles(uris, preset)
+    results["single_core_images_per_s"], _ = _timed(
+        _repeat(lambda: ({"image": [dataset[i]]} for i in range(len(dataset)))), min(seconds, 10.0), count)
+
+    if pack:
+        from dermray.pack import pack_shards
+
+        with tempfile.TemporaryDirectory(prefix="dermray-bench-") as scratch:
+            started = time.perf_counter()
+            packed = Manifest(table, ["x", "y"], "bench", packed=pack_shards(table, scratch, pack_size),
+                              packed_size=pack_size)
+            results["pack_seconds"] = round(time.perf_counter() - started, 1)
+            results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count)
+        results["packed_vs_per_image"] = round(results["packed_images_per_s"] / results["ray_data_images_per_s"],
+                                               2)
+    ray_rate = results["ray_data_images_per_s"]
+    results["ray_data_vs_dataloader"] = round(ray_rate / results["dataloader_images_per_s"], 2)
+    results["ray_data_vs_cpus_x_single_core"] = round(
+        results["ray_data_images_per_s"] / (cpus * results["single_core_images_per_s"]), 2)
+    results["peak_rss_gib"] = _peak_rss_gib()
+    for key in list(results):
+        if key.endswith("_per_s"):
+            results[key] = round(results[key], 1)
+    _print_table("ingest", results)
+    return results
+
+
+def bench_train(backbone: str, image_size: int, manifest: str | None = None, seconds: float = 20.0,
+                batch_size: int = 32, use_gpu: bool | None = None) -> dict:
+    import torch
+    from torch import nn
+
+    from dermray.config import TrainConfig
+    from dermray.engine import build_optimizer, build_scheduler, train_one_epoch
+    from dermray.ingest import build_dataset, train_preset
+    from dermray.manifest import read_manifest
+    from dermray.models import build_model
+    from dermray.ray_runtime import ensure_ray
+
+    device = torch.device("cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu")
+    model = build_model(backbone, 7).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    cfg = TrainConfig(schedule="constant")
+    optimizer = build_optimizer(list(model.parameters()), cfg, 1e-3)
+    scheduler = build_scheduler(optimizer, cfg, 10**9, 10**6)
+    criterion = nn.CrossEntropyLoss()
+
+    def run(batches: Iterable) -> float:
+        limited = _time_limited(batches, seconds)
+        next(limited)  # warm-up batch (cudnn autotune, allocator)
+        stats = train_one_epoch(model, limited, optimizer, scheduler, criterion, device)
+        return stats.images_per_s
+
+    synthetic = {"image": torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8),
+                 "label": torch.randint(0, 7, (batch_size,))}
+    if device.type == "cuda":
+        synthetic["image"] = synthetic["image"].pin_memory()
+    results = {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "device": str(device),
+               "amp": "bf16" if device.type == "cuda" else "off", "seconds": seconds,
+               "synthetic_images_per_s": round(run(_forever(synthetic)), 1)}
+    if manifest:
+        ensure_ray()
+        loaded = read_manifest(manifest)
+        preset = train_preset(image_size, AugmentConfig(rotation_degrees=180))
+        real = _repeat(lambda: build_dataset(loaded, "train", preset, shuffle=True).iter_torch_batches(
+            batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64},
+            pin_memory=device.type == "cuda", prefetch_batches=4, drop_last=True))
+        results["pipeline_images_per_s"] = round(run(real), 1)
+        results["pipeline_vs_synthetic"] = round(results["pipeline_images_per_s"] / results["synthetic_images_per_s"],
+                                                 2)
+        results["manifest"] = storage.normalize(manifest)
+    results["peak_rss_gib"] = _peak_rss_gib()
+    _print_table("train", results)
+    return results
+
+
+def _forever(batch: dict):
+    while True:
+        yield batch
+
+
+def _time_limited(batches: Iterable, seconds: float):
+    """The first batch (warm-up), then batches until ``seconds`` have passed."""
+    iterator = iter(batches)
+    yield next(iterator)
+    started = time.perf_counter()
+    for batch in iterator:
+        yield batch
+        if time.perf_counter() - started >= seconds:
+            return
+
+
+def _print_table(name: str, results: dict) -> None:
+    width = max(len(k) for k in results)
+    lines = [f"dermray bench {name}"] + [f"  {k.ljust(width)}  {v}" for k, v in results.items()]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+EPILOG = textwrap.dedent(
+    """\
+    examples:
+      dermray bench ingest --images ../shared/data/isic2018-sample/images --image-size 224 --pack
+      dermray bench ingest --images s3://bucket/isic2018/images --seconds 30
+      dermray bench train --backbone resnet50 --image-size 224 --manifest ./dermray-store/datasets/isic2018
+    """
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure ingest and training throughput against the alternatives",
+                       description=__doc__.split("\n\n")[1], epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="{ingest,train}")
+    ingest = kinds.add_parser("ingest", help="Ray Data vs DataLoader vs one core (vs packed shards)")
+    ingest.add_argument("--images", required=True, help="folder or prefix of images (local or s3://)")
+    ingest.add_argument("--image-size", type=int, default=224, help="augmented output side (default 224)")
+    ingest.add_argument("--seconds", type=float, default=20.0, help="length of each measurement (default 20)")
+    ingest.add_argument("--pack", action="store_true", help="also pack the images and measure the shards")
+    ingest.add_argument("--pack-size", type=int, default=256, help="longest side of packed images (default 256)")
+    ingest.add_argument("--limit", type=int, help="use at most this many images")
+    train = kinds.add_parser("train", help="training images/s: synthetic batches vs the real pipeline")
+    train.add_argument("--backbone", default="resnet50", help="registry backbone (default resnet50)")
+    train.add_argument("--image-size", type=int, default=224, help="input side (default 224)")
+    train.add_argument("--manifest", help="a staged manifest for the real-pipeline measurement")
+    train.add_argument("--batch-size", type=int, default=32, help="default 32")
+    train.add_argument("--seconds", type=float, default=20.0, help="length of each measurement (default 20)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.seconds <= 0:
+        raise DermrayError("bench: --seconds must be positive")
+    if args.bench == "ingest":
+        return bench_ingest(args.images, args.image_size, args.seconds, args.pack, args.pack_size, args.limit)
+    from dermray.models import BACKBONES
+
+    if args.backbone not in BACKBONES:
+        raise DermrayError(f"bench train: unknown backbone '{args.backbone}'; choose one of: {', '.join(BACKBONES)}")
+    return bench_train(args.backbone, args.image_size, args.manifest, args.seconds, args.batch_size)
