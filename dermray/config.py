@@ -25,14 +25,17 @@ class _Strict(BaseModel):
 class AugmentConfig(_Strict):
     """Train-time augmentation strengths: plain numbers so that Ray Tune can search them."""
 
-    crop: Literal["rrc", "esteva"] = "rrc"
-    """rrc: random resized crop; esteva: rotate by any angle, crop the largest inscribed upright rectangle."""
+    crop: Literal["rrc", "esteva", "none"] = "rrc"
+    """rrc: random resized crop; esteva: rotate by any angle, crop the largest inscribed upright rectangle;
+    none: the whole image resized (tiny inputs such as 28 px DermaMNIST)."""
     scale_min: float = Field(0.35, gt=0.0, le=1.0)
     """Smallest crop area, as a fraction of the image, for the random resized crop."""
     rotation_degrees: float = Field(0.0, ge=0.0, le=180.0)
     """Rotation drawn from [-r, r]; 180 means any angle (the Esteva recipe)."""
     hflip_p: float = Field(0.5, ge=0.0, le=1.0)
     vflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    rot90_p: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of a quarter, half or three-quarter turn (exact: no resampling)."""
     brightness: float = Field(0.1, ge=0.0, le=1.0)
     contrast: float = Field(0.1, ge=0.0, le=1.0)
     saturation: float = Field(0.1, ge=0.0, le=1.0)
@@ -117,6 +120,16 @@ class ScalingConfig(_Strict):
     data_cpus: float = Field(1.0, ge=0.0)
     """CPUs kept free for Ray Data's read/decode tasks; workers shrink to fit on small machines (no deadlock)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU training: intra-op threads per worker (none: the worker's CPU share, at least 1). More than the share
+    pays when decoding is light (tiny images) and the model is the bottleneck."""
+
+    @model_validator(mode="after")
+    def _room_for_data(self) -> ScalingConfig:
+        if not self.use_gpu and self.data_cpus < 1:
+            raise ValueError("scaling.data_cpus must be >= 1 on CPU workers: each Ray Data decode task needs a "
+                             "whole free CPU, or training waits forever for data")
+        return self
 
 
 class RunConfig(_Strict):

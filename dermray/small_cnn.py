@@ -17,7 +17,7 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, num_classes: int = 1000, width: int = 48, dropout: float = 0.3):
+    def __init__(self, num_classes: int = 1000, width: int = 32, dropout: float = 0.3):
         super().__init__()
         widths = [width, width * 2, width * 4, width * 8]
         layers: list[nn.Module] = []

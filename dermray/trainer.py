@@ -56,7 +56,7 @@ def worker_resources(config: Config) -> tuple[dict, int]:
     total = ray.cluster_resources().get("CPU", 1.0)
     free_for_workers = max(total - scaling.data_cpus, 0.1 * scaling.num_workers)
     cpus = min(scaling.cpus_per_worker, free_for_workers / scaling.num_workers)
-    return {"CPU": round(cpus, 3)}, max(1, round(cpus))
+    return {"CPU": round(cpus, 3)}, scaling.torch_threads or max(1, round(cpus))
 
 
 def check_warm_start(checkpoint_uri: str, backbone: str, classes: list[str]) -> None:

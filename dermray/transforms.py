@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from PIL import Image, ImageEnhance
 
-CROPS = ("rrc", "esteva")
+CROPS = ("rrc", "esteva", "none")
 
 
 def largest_inscribed_rect(width: float, height: float, angle_degrees: float) -> tuple[int, int]:
@@ -166,6 +166,11 @@ class TrainPreset:
       shrunk/moved just enough to stay inside the photo (no black corners).
     * ``esteva``: turn by an angle in [-r, r] (r = 180: any angle), keep the largest upright rectangle inside
       the turned photo, then a RandomResizedCrop inside that (Esteva et al., Nature 2017).
+    * ``none``: the whole photo, resized to the output square (for tiny inputs such as 28 px DermaMNIST,
+      where any crop loses the lesion's border).
+
+    After the crop: horizontal and vertical flips, and with probability ``rot90_p`` a quarter, half or
+    three-quarter turn (with both flips, the 8 symmetries of the square: exact, no resampling).
 
     Colour jitter follows torchvision's ColorJitter: factors uniform in [1 - s, 1 + s] for brightness,
     contrast and saturation, a hue shift uniform in [-hue, hue], applied in a random order.
@@ -179,6 +184,7 @@ class TrainPreset:
     rotation_degrees: float = 0.0
     hflip_p: float = 0.5
     vflip_p: float = 0.5
+    rot90_p: float = 0.0
     brightness: float = 0.1
     contrast: float = 0.1
     saturation: float = 0.1
@@ -198,6 +204,7 @@ class TrainPreset:
         _check_range("ratio_max", self.ratio_max, self.ratio_min, math.inf)
         _check_range("rotation_degrees", self.rotation_degrees, 0.0, 180.0)
         _check_range("hflip_p", self.hflip_p, 0.0, 1.0)
+        _check_range("rot90_p", self.rot90_p, 0.0, 1.0)
         _check_range("vflip_p", self.vflip_p, 0.0, 1.0)
         _check_range("brightness", self.brightness, 0.0, 1.0)
         _check_range("contrast", self.contrast, 0.0, 1.0)
@@ -275,11 +282,18 @@ class TrainPreset:
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"TrainPreset needs a numpy.random.Generator, got {type(rng).__name__}")
         img = _as_rgb(img)
-        img = self._crop_esteva(img, rng) if self.crop == "esteva" else self._crop_rrc(img, rng)
+        if self.crop == "none":
+            size = (self.image_size, self.image_size)
+            img = img if img.size == size else img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        else:
+            img = self._crop_esteva(img, rng) if self.crop == "esteva" else self._crop_rrc(img, rng)
         if rng.random() < self.hflip_p:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rng.random() < self.vflip_p:
             img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        if self.rot90_p and rng.random() < self.rot90_p:
+            turns = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+            img = img.transpose(turns[int(rng.integers(0, 3))])
         img = self._jitter(img, rng)
         return np.array(img, dtype=np.uint8)
 
@@ -318,6 +332,8 @@ def decode_size_hint(preset: TrainPreset | EvalPreset) -> int:
         return preset.resize_size
     # A random resized crop keeps at least sqrt(scale_min) of each side, but a little headroom keeps the
     # larger crops sharp; a turned crop (esteva, or rrc with rotation) keeps ~1/sqrt(2) of the side at 45.
+    if preset.crop == "none":
+        return preset.image_size
     hint = preset.image_size * 1.15
     if preset.crop == "esteva" or preset.rotation_degrees > 0:
         hint *= math.sqrt(2)

@@ -252,3 +252,13 @@ def test_invalid_eval_settings_raise_value_error(field, value):
 def test_presets_accept_numpy_numbers_from_a_tuner():
     preset = TrainPreset(np.int64(64), rotation_degrees=np.float64(30.0), brightness=np.float32(0.2))
     assert preset(noisy_rgb(100, 80), np.random.default_rng(0)).shape == (64, 64, 3)
+
+
+def test_whole_image_crop_with_flips_and_quarter_turns_gives_the_eight_symmetries():
+    preset = TrainPreset(image_size=28, crop="none", rot90_p=1.0, hflip_p=0.5, vflip_p=0.5, brightness=0.0,
+                         contrast=0.0, saturation=0.0)
+    image = Image.fromarray(np.arange(28 * 28 * 3, dtype=np.uint8).reshape(28, 28, 3))
+    views = {preset(image, np.random.default_rng(seed)).tobytes() for seed in range(300)}
+    assert len(views) == 8  # exact transposes: the dihedral group of the square, nothing resampled
+    assert all(sorted(np.frombuffer(v, np.uint8)) == sorted(np.asarray(image).ravel()) for v in list(views)[:2])
+    assert decode_size_hint(preset) == 28
