@@ -120,6 +120,8 @@ def build_dataset(
         present = sorted(set(manifest.table["split"].to_pylist()))
         raise DermrayError(f"manifest has no images in split '{split}' (splits present: {', '.join(present)})")
     transform = DecodeAndTransform(preset, read_threads, tuple(passthrough))
+    if not manifest.packed:
+        _check_images_exist(rows["image_uri"].to_pylist(), split)
     if manifest.packed and not balanced:
         return _packed_dataset(manifest, split, rows.num_rows, shuffle).map_batches(
             transform, batch_size=32, batch_format="numpy")
@@ -133,6 +135,17 @@ def build_dataset(
         # Shuffling the tiny manifest rows (not the decoded pixels) is cheap; it re-runs every epoch.
         ds = ds.random_shuffle()
     return ds.map_batches(transform, batch_size=32, batch_format="numpy")
+
+
+def _check_images_exist(uris: list[str], split: str, samples: int = 4) -> None:
+    """Fail before any training starts when the images a manifest names are gone (data moved or deleted since
+    staging): otherwise every row would be skipped as unreadable, one warning at a time, and a run would "train"
+    on nothing. A few evenly spaced files are checked, so the cost is a handful of storage requests."""
+    picks = sorted({round(i * (len(uris) - 1) / max(samples - 1, 1)) for i in range(min(samples, len(uris)))})
+    if not any(storage.exists(uris[i]) for i in picks):
+        raise DermrayError(
+            f"none of the {len(picks)} '{split}' images checked exist (e.g. {uris[picks[0]]}): the images moved or "
+            "were deleted since the manifest was staged; re-run dermray stage")
 
 
 def _packed_dataset(manifest: Manifest, split: str, expected_rows: int, shuffle: bool):

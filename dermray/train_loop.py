@@ -193,6 +193,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         probs, labels = _gather_predictions(probs, labels)
         val = classification_metrics(probs, labels, len(classes))
         images = _sum_over_workers(stats.images, device)
+        if images == 0 or len(labels) == 0:
+            # Every row was dropped as unreadable (each one logged): there is nothing to learn from or judge by.
+            raise RuntimeError(f"epoch {epoch + 1} read no {'training' if images == 0 else 'validation'} images: "
+                               "every one was unreadable (see the 'dermray ingest: skipped' warnings)")
         train_loss = _sum_over_workers(stats.loss * stats.images, device) / max(images, 1)
         metrics = {
             "epoch": epoch + 1,

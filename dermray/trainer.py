@@ -164,11 +164,23 @@ def train(config: Config, callbacks: list | None = None) -> dict:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        raise DermrayError(f"training failed: {str(error).strip().splitlines()[0]}") from None
+        raise DermrayError(f"training failed: {failure_reason(error)}") from None
     summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location))
     summary["classes_without_training_images"] = untrainable
     storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def failure_reason(error: Exception) -> str:
+    """One line saying why training failed: the workers' own error (its last line, e.g. ``RuntimeError: ...``)
+    rather than Ray's generic "Training failed due to worker errors:" heading."""
+    causes = list((getattr(error, "worker_failures", None) or {}).values())
+    causes.append(getattr(error, "controller_failure", None))
+    for cause in causes:
+        lines = [line.strip() for line in str(cause or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return str(error).strip().splitlines()[0]
 
 
 def _checkpoint_uri(checkpoint, run_uri: str) -> str:

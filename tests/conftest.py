@@ -206,6 +206,8 @@ def isic_checkpoint(isic2018_manifest_local, tmp_path_factory):
     summary = train(load_config(None, [
         f"data.manifest={isic2018_manifest_local}", f"run.storage={tmp_path_factory.mktemp('isic-runs')}",
         "run.name=shared", "model.backbone=resnet18", "model.image_size=64", "train.epochs=2",
-        "train.batch_size=16", "train.lr=0.003",
+        # lr 1e-3: at 3e-3 a randomly initialised ResNet-18 on 209 images ends with BatchNorm statistics that make
+        # every prediction the same saturated class, which would make the inference tests vacuous.
+        "train.batch_size=16", "train.lr=0.001",
     ]))
     return summary["checkpoint"]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from dermray.config import load_config
+from dermray.errors import DermrayError
 from dermray.sources import SourceOptions
 from dermray.stage import stage
 from dermray.trainer import train
@@ -90,10 +91,7 @@ def test_only_unreadable_images_is_an_error_with_the_report(tmp_path):
 @pytest.mark.slow
 def test_a_class_without_training_images_is_reported(ray_local, tmp_path):
     """A declared class with no images trains (its loss weight is 0) and is named in the warning and summary."""
-    for cls, shade in (("benign", 60), ("malignant", 200)):
-        (tmp_path / "img" / cls).mkdir(parents=True)
-        for i in range(12):
-            Image.new("RGB", (40, 40), (shade, 40 + i * 5, 90)).save(tmp_path / "img" / cls / f"{cls}{i}.jpg")
+    _two_class_folder(tmp_path / "img")
     summary = stage("folder", SourceOptions(out=str(tmp_path / "o"), images=str(tmp_path / "img"),
                                             classes=("benign", "malignant", "indeterminate")))
     assert summary["per_class"]["train"]["indeterminate"] == 0
@@ -103,3 +101,35 @@ def test_a_class_without_training_images_is_reported(ray_local, tmp_path):
     ]))
     assert result["classes_without_training_images"] == ["indeterminate"]
     assert result["epochs_completed"] == 1
+
+
+def _two_class_folder(root) -> None:
+    for cls, shade in (("benign", 60), ("malignant", 200)):
+        (root / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (40, 40), (shade, 40 + i * 5, 90)).save(root / cls / f"{cls}{i}.jpg")
+
+
+@pytest.mark.slow
+def test_images_moved_since_staging_fail_before_training(ray_local, tmp_path):
+    _two_class_folder(tmp_path / "img")
+    manifest = stage("folder", SourceOptions(out=str(tmp_path / "o"), images=str(tmp_path / "img")))["manifest"]
+    (tmp_path / "img").rename(tmp_path / "moved")
+    with pytest.raises(DermrayError, match="moved or were deleted since the manifest was staged"):
+        train(load_config(None, [f"data.manifest={manifest}", f"run.storage={tmp_path / 'runs'}"]))
+    assert not (tmp_path / "runs").exists()  # refused before a run was created
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_image_became_unreadable_fails(ray_local, tmp_path):
+    """Files still there but all damaged: each is skipped with a warning, and the epoch that read nothing fails
+    the run instead of reporting metrics of nothing."""
+    _two_class_folder(tmp_path / "img")
+    manifest = stage("folder", SourceOptions(out=str(tmp_path / "o"), images=str(tmp_path / "img")))["manifest"]
+    for image in (tmp_path / "img").rglob("*.jpg"):
+        image.write_bytes(b"\xff\xd8 damaged after staging")
+    with pytest.raises(DermrayError, match="read no training images"):
+        train(load_config(None, [
+            f"data.manifest={manifest}", f"run.storage={tmp_path / 'runs'}", "model.backbone=small_cnn",
+            "model.image_size=32", "train.epochs=1", "train.batch_size=8", "run.max_failures=0",
+        ]))

@@ -60,7 +60,15 @@ def test_tta_averages_eight_views(isic_checkpoint, isic2018_manifest_local, tmp_
     plain = evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t1"), tta=1, bootstrap=0)
     tta = evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t8"), tta=8, bootstrap=0)
     assert plain["metrics"]["images"] == tta["metrics"]["images"]
-    assert tta["metrics"]["log_loss"] != plain["metrics"]["log_loss"]
+
+    def probabilities(out: str) -> np.ndarray:
+        table = pq.read_table(f"{out}/predictions.parquet").to_pandas().sort_values("image_uri")
+        return table[[f"p_{c}" for c in HAM]].to_numpy()
+
+    one_view, eight_views = probabilities(str(tmp_path / "t1")), probabilities(str(tmp_path / "t8"))
+    assert one_view.std(axis=0).max() > 1e-3  # the model tells images apart, so the comparison means something
+    assert np.allclose(eight_views.sum(axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(one_view, eight_views, atol=1e-4)  # flipped/rotated views changed the average
     with pytest.raises(DermrayError, match="--tta must be between 1"):
         evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t9"), tta=9)
 
