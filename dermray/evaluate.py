@@ -16,10 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermray import __version__, storage
-from dermray.checkpoint import input_geometry, melanoma_class_of, read_checkpoint_meta, read_checkpoint_state
 from dermray.errors import DermrayError
 from dermray.manifest import Manifest, manifest_uri, read_manifest
-from dermray.metrics import evaluate_predictions, malignant_labels, malignant_scores, reliability
 from dermray.taxonomy import MALIGNANT
 
 HEADLINE_KEYS = ("images", "accuracy", "balanced_accuracy", "roc_auc_ovr", "melanoma_auc", "malignant_auc",
@@ -46,6 +44,7 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
     actor pool, one actor per GPU when there are GPUs)."""
     import ray
 
+    from dermray.checkpoint import input_geometry, melanoma_class_of, read_checkpoint_meta
     from dermray.inference import Predictor, actor_pool
     from dermray.ingest import build_dataset
     from dermray.ray_runtime import ensure_ray
@@ -85,6 +84,7 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
 
 
 def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
+    from dermray.metrics import malignant_labels, malignant_scores, reliability
     from dermray.plots import confusion_figure, reliability_figure, roc_figure
 
     predicted = result.probs.argmax(axis=1)
@@ -124,6 +124,8 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
              bootstrap: int = 200) -> dict:
     """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet`` and ``report.html`` to ``out``
     (default: ``<checkpoint>/eval-<split>``); returns the JSON summary with the headline metrics."""
+    from dermray.checkpoint import read_checkpoint_state
+    from dermray.metrics import evaluate_predictions
     from dermray.report import render_report
 
     started = time.monotonic()

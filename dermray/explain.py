@@ -11,28 +11,32 @@ from __future__ import annotations
 import argparse
 import textwrap
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from dermray import storage
-from dermray.checkpoint import InferenceModel, load_for_inference
 from dermray.errors import DermrayError
 from dermray.imaging import UnreadableImage, decode_rgb
-from dermray.ingest import normalize_on_device
 from dermray.manifest import read_manifest
-from dermray.models import split_logits
 from dermray.transforms import EvalPreset, decode_size_hint
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that `dermray --help` need not load it
+    from dermray.checkpoint import InferenceModel
 
 
 def saliency_map(loaded: InferenceModel, image: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
     """(HxW saliency in [0, 1], the class probabilities) for one uint8 HxWx3 image: |d loss / d input| summed
     over RGB, scaled by its 99th percentile so one hot pixel does not wash out the map."""
+    import torch
+
+    from dermray.ingest import normalize_on_device
+    from dermray.models import split_logits
+
     device = next(loaded.model.parameters()).device
     x = normalize_on_device(torch.from_numpy(image)[None], device, channels_last=False).requires_grad_(True)
     logits, _ = split_logits(loaded.model(x))
-    loss = nn.functional.cross_entropy(logits.float(), torch.tensor([label], device=device))
+    loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([label], device=device))
     loaded.model.zero_grad(set_to_none=True)
     loss.backward()
     saliency = x.grad.detach().abs().sum(dim=1)[0].cpu().numpy()
@@ -72,6 +76,9 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def explain(checkpoint: str, manifest: str, out: str | None = None, split: str = "test", per_class: int = 3,
             tsne_images: int = 2000) -> dict:
+    import torch
+
+    from dermray.checkpoint import load_for_inference
     from dermray.evaluate import predict_split
     from dermray.plots import saliency_grid_figure, tsne_figure
 

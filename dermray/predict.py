@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 
 from dermray import storage
-from dermray.checkpoint import input_geometry, read_checkpoint_meta
 from dermray.errors import DermrayError
 from dermray.manifest import MANIFEST_NAME, read_manifest
 from dermray.sources import IMAGE_EXTENSIONS
@@ -64,6 +63,7 @@ def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: 
     import pyarrow.dataset as pads
     import ray
 
+    from dermray.checkpoint import input_geometry, read_checkpoint_meta
     from dermray.inference import Predictor, actor_pool
     from dermray.ingest import DecodeAndTransform
     from dermray.ray_runtime import ensure_ray

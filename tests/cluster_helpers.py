@@ -37,26 +37,36 @@ def _node_ports(ports: list[int]) -> list[str]:
 
 
 def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) for every process, read from /proc."""
+    """pid -> (parent pid, command line and environment) for every live process, read from /proc.
+
+    The environment counts because Ray renames its worker processes (``ray::TrainController``), and once their
+    raylet is killed they are re-parented to init: only the inherited ``RAY_TMPDIR`` still says whose they are.
+    """
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+                fields = stat.read().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":  # a zombie is already dead; only its parent's wait() is missing
+                continue
+            parent = int(fields[1])
+            text = b""
+            for name in ("cmdline", "environ"):
+                with open(f"/proc/{entry}/{name}", "rb") as source:
+                    text += source.read().replace(b"\0", b" ") + b" "
         except (OSError, ValueError, IndexError):
             continue
-        table[int(entry)] = (parent, command)
+        table[int(entry)] = (parent, text.decode(errors="replace"))
     return table
 
 
-def kill_matching(markers: list[str]) -> int:
-    """SIGKILL every process whose command line holds one of ``markers``, and all of their descendants."""
+def kill_matching(markers: list[str], timeout: float = 30.0) -> int:
+    """SIGKILL every process whose command line or environment holds one of ``markers``, and all of their
+    descendants, and wait until they are gone (so none of them writes anything afterwards)."""
     table = _processes()
-    roots = {pid for pid, (_, command) in table.items() if any(m in command for m in markers)}
+    roots = {pid for pid, (_, text) in table.items() if any(m in text for m in markers)}
     roots.discard(os.getpid())
     victims, frontier = set(roots), set(roots)
     while frontier:
@@ -67,6 +77,9 @@ def kill_matching(markers: list[str]) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and victims & set(_processes()):
+        time.sleep(0.1)
     return len(victims)
 
 
