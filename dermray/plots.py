@@ -92,7 +92,10 @@ def saliency_grid_figure(rows: list[tuple[str, list[tuple[np.ndarray, np.ndarray
     """One row per class: each example as the image, then the saliency map overlaid on it.
     ``rows``: (class name, [(uint8 HxWx3 image, HxW map in [0, 1], caption), ...])."""
     columns = max((len(examples) for _, examples in rows), default=1) * 2
-    figure, grid = plt.subplots(len(rows), columns, figsize=(1.7 * columns, 1.9 * len(rows)), squeeze=False)
+    # Constrained layout: the default margins are fractions of the height, which leaves a tall grid's title
+    # floating far above its first row.
+    figure, grid = plt.subplots(len(rows), columns, figsize=(1.7 * columns, 1.9 * len(rows)), squeeze=False,
+                                layout="constrained")
     for r, (name, examples) in enumerate(rows):
         for c in range(columns):
             grid[r][c].axis("off")
