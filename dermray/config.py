@@ -256,6 +256,20 @@ class Config(_Strict):
         spec = BACKBONES.get(self.model.backbone)
         return spec.default_image_size if spec else 224
 
+    def with_absolute_paths(self) -> Config:
+        """The config with the local paths that workers read made absolute (storage URIs unchanged): Tune trials
+        run in working directories of their own, where ``./dermray-store/...`` would name nothing."""
+
+        def absolute(uri: str | None) -> str | None:
+            return storage.normalize(uri) if uri else uri
+
+        return self.model_copy(update={
+            "data": self.data.model_copy(update={"manifest": absolute(self.data.manifest)}),
+            "model": self.model.model_copy(update={"weights": absolute(self.model.weights),
+                                                    "init_checkpoint": absolute(self.model.init_checkpoint)}),
+            "run": self.run.model_copy(update={"storage": absolute(self.run.storage)}),
+        })
+
     @model_validator(mode="after")
     def _known_backbone(self) -> Config:
         from dermray.models import BACKBONES

@@ -99,6 +99,7 @@ def train(config: Config, callbacks: list | None = None) -> dict:
     from dermray.ray_runtime import ensure_ray
 
     started = time.monotonic()
+    config = config.with_absolute_paths()
     ensure_ray()
     manifest_location = config.data.manifest or embedded_manifest(config)
     manifest = read_manifest(manifest_location)

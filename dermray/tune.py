@@ -116,6 +116,14 @@ def _best_checkpoint(run_uri: str, metric: str, mode: str) -> str | None:
     return storage.join(run_uri, name)
 
 
+def _error_line(error: BaseException) -> str:
+    """Why a trial failed, in one line: the trial's own exception (a RayTaskError wraps it as ``cause``), whose
+    last line names it (``DermrayError: manifest not found: ...``), not Ray's wrapper heading."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
 def _results_table(results, config: Config, sweep_dir: str):
     import pandas as pd
 
@@ -136,7 +144,7 @@ def _results_table(results, config: Config, sweep_dir: str):
             status = "stopped early"
         rows.append({"trial": trial_id, **overrides, metric: best,
                      f"last_{metric}": float(values.iloc[-1]) if len(values) else None, "epochs": epochs,
-                     "status": status, "error": str(result.error).splitlines()[0] if result.error else "",
+                     "status": status, "error": _error_line(result.error) if result.error else "",
                      "checkpoint": _best_checkpoint(storage.join(sweep_dir, trial_id), metric, config.tune.mode)})
     return pd.DataFrame(rows)
 
@@ -178,6 +186,7 @@ def sweep(config: Config) -> dict:
     from dermray.trainer import embedded_manifest
 
     started = time.monotonic()
+    config = config.with_absolute_paths()  # trials run in working directories of their own
     settings: TuneSection = config.tune
     ensure_ray()
     # Stage the embedded data once here, not in every trial at the same time.

@@ -39,10 +39,13 @@ def _sweep_yaml(path, manifest: str, runs: str) -> str:
 
 
 @pytest.mark.slow
-def test_sweep_interrupted_resumed_with_asha(ray_local, tmp_path):
+def test_sweep_interrupted_resumed_with_asha(ray_local, tmp_path, monkeypatch):
     manifest = stage("synthetic", SourceOptions(out=str(tmp_path / "data"), images_per_class=40,
                                                 image_size=48))["manifest"]
-    config_path = _sweep_yaml(tmp_path / "sweep.yaml", manifest, str(tmp_path / "runs"))
+    # Relative paths, as in the shipped configs: each trial runs in a working directory of its own, so the
+    # driver must resolve them (a trial that resolved them itself would find no manifest).
+    monkeypatch.chdir(tmp_path)
+    config_path = _sweep_yaml(tmp_path / "sweep.yaml", os.path.relpath(manifest, tmp_path), "runs")
     sweep_dir = tmp_path / "runs" / "small-sweep"
 
     temp_dir = f"/tmp/drt-{os.getpid()}"
