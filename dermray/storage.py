@@ -158,8 +158,10 @@ def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
 
     def read() -> bytes:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
+        # A random-access file reads the whole object in one GET; pyarrow's S3 input *stream* reads it in small
+        # ranged GETs (a 60 MB checkpoint: hundreds of requests, 9.7 s against moto on loopback instead of 0.2 s).
+        with fs.open_input_file(path) as handle:
+            return handle.read()
 
     return with_retries(read, f"read {uri}")
 
