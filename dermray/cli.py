@@ -4,6 +4,7 @@ bad input exits non-zero with one line on stderr (set DERMRAY_DEBUG=1 for the tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -208,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = COMMANDS[args.command][1](args)
+        # stdout is the summary's alone: whatever else prints there meanwhile (Ray Tune's trial tables, Ray's
+        # forwarding of workers' output) goes to stderr with the rest of the progress output.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = COMMANDS[args.command][1](args)
     except DermrayError as error:
         print(f"dermray {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # Ray Data logs every dataset execution plan at INFO, once per epoch per split: dozens of lines that bury
@@ -21,9 +23,42 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True)
         return
     store = os.environ.get("DERMRAY_OBJECT_STORE_BYTES")
-    ray.init(
-        include_dashboard=True,
-        object_store_memory=int(store) if store else None,
-        logging_level="WARNING",
-        log_to_driver=True,
-    )
+    start_local_ray(object_store_memory=int(store) if store else None)
+
+
+def start_local_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+    """Start a local Ray instance whose processes know its own dashboard address.
+
+    Ray Train's placement-group cleaner (the actor that frees a run's worker CPUs once its controller is gone,
+    e.g. a Tune trial stopped by ASHA) finds the dashboard by scanning the machine for Ray instances, and dies
+    when it sees two (any other Ray on the same machine). The stopped trial's workers then keep their CPUs and
+    the next trial waits forever for Ray Data. With ``RAY_API_SERVER_ADDRESS`` set before the instance starts,
+    every Ray process of this instance inherits the right address and nothing is guessed.
+    """
+    import ray
+
+    port = _free_port()
+    # Only for the start: Ray's processes (raylet, then every worker it forks) inherit it; this process's own
+    # children must not, since they may start Ray instances of their own.
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
+                           object_store_memory=object_store_memory, logging_level="WARNING", log_to_driver=True)
+    finally:
+        if previous is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+    if not (context.dashboard_url or "").endswith(f":{port}"):
+        # The port was taken between the probe and the start: the cleaner falls back to Ray's own search.
+        logging.getLogger(__name__).warning(
+            "Ray's dashboard started at %s, not on port %d: with another Ray instance on this machine, Ray Train "
+            "may not free a stopped run's CPUs", context.dashboard_url, port)
+
+
+def _free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

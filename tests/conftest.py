@@ -137,15 +137,10 @@ def ray_local(s3_endpoint, tmp_path_factory):
     """One real local Ray instance for the session: 2 CPUs, a capped object store."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    from dermray.ray_runtime import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            object_store_memory=600 * 1024 * 1024,
-            include_dashboard=True,
-            logging_level="WARNING",
-            log_to_driver=True,
-        )
+        start_local_ray(num_cpus=2, object_store_memory=600 * 1024 * 1024)
     yield ray
     ray.shutdown()
 

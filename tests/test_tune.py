@@ -2,6 +2,7 @@
 group), launched again with the same name, resumes, and runs to completion with ASHA stopping the trials that
 trail; the results table, plot, best checkpoint and best config are checked."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from dermray.config import config_from_dict, load_config
 from dermray.errors import DermrayError
 from dermray.sources import SourceOptions
 from dermray.stage import stage
-from dermray.tune import check_space, concurrency, sweep
+from dermray.tune import check_space, concurrency
 from tests.cluster_helpers import kill_matching
 
 
@@ -63,9 +64,19 @@ def test_sweep_interrupted_resumed_with_asha(ray_local, tmp_path, monkeypatch):
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=30)
     finally:
+        # The interrupted job's whole Ray instance goes too, as when a machine dies: its orphaned Train workers
+        # would otherwise keep their CPUs, and the resumed sweep's Ray Data would wait for one forever.
         kill_matching([temp_dir])
-
-    summary = sweep(load_config(config_path))
+    try:
+        # The same command again resumes; its stdout is the one JSON line (Tune's trial tables go to stderr).
+        resumed = subprocess.run([sys.executable, "-m", "dermray", "tune", "--config", config_path], env=env,
+                                 capture_output=True, text=True, timeout=900)
+    finally:
+        kill_matching([temp_dir])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(resumed.stdout.splitlines()) == 1, resumed.stdout[-3000:]
+    assert "Trial status" in resumed.stderr
+    summary = json.loads(resumed.stdout)
     assert summary["resumed"] is True
     assert summary["trials"] == 4
     assert summary["stopped_early"] >= 1, summary
