@@ -124,7 +124,7 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
              bootstrap: int = 200) -> dict:
     """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet`` and ``report.html`` to ``out``
     (default: ``<checkpoint>/eval-<split>``); returns the JSON summary with the headline metrics."""
-    from dermray.checkpoint import read_checkpoint_state
+    from dermray.checkpoint import read_checkpoint_meta, read_checkpoint_state
     from dermray.metrics import evaluate_predictions
     from dermray.report import render_report
 
@@ -148,7 +148,8 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
         "test-time augmentation views": tta, "dermray": __version__, "evaluated at (UTC)":
         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    config = read_checkpoint_state(checkpoint)["config"]
+    # meta.json carries the config; older checkpoints have it only in the (large) state.pt.
+    config = read_checkpoint_meta(checkpoint).get("config") or read_checkpoint_state(checkpoint)["config"]
     report_uri = storage.write_text(storage.join(out, "report.html"), render_report(
         f"dermray evaluation: {split} split", metrics, figures, config, provenance))
     malignant = metrics.get("malignant") or {}

@@ -88,7 +88,9 @@ def _save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, epo
     meta = {"epoch": epoch, "phase": phase, "backbone": model_config["backbone"],
             "image_size": model_config["image_size"], "resize_ratio": loop_config["config"]["data"]["resize_ratio"],
             "classes": loop_config["classes"], "taxonomy": loop_config["taxonomy"],
-            "melanoma_class": loop_config.get("melanoma_class"), "metrics": metrics}
+            "melanoma_class": loop_config.get("melanoma_class"), "metrics": metrics,
+            # Here too, so that a report can show the config without fetching the (large) state.
+            "config": loop_config["config"]}
     with open(os.path.join(directory, META_FILE), "w") as handle:
         json.dump(meta, handle, indent=2)
 

@@ -5,11 +5,13 @@ registry consistent, and the next run recovers."""
 
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +22,8 @@ from dermray.registry import Registry
 from dermray.synthetic import generate
 from tests.cluster_helpers import kill_matching
 
-TRAIN = ["model.backbone=resnet18", "model.image_size=48", "train.batch_size=16", "train.epochs=2",
+EPOCHS = 2
+TRAIN = ["model.backbone=resnet18", "model.image_size=48", "train.batch_size=16", f"train.epochs={EPOCHS}",
          "train.lr=0.003"]
 
 
@@ -96,8 +99,9 @@ def test_promotion_rule():
 
 @pytest.mark.slow
 def test_killed_between_training_and_promotion(ray_local, tmp_path):
-    """SIGKILL the nightly job once its challenger is trained and being evaluated: the champion pointer is
-    untouched, and after the lock expires the next run completes the cycle."""
+    """SIGKILL the nightly job once its challenger's last checkpoint is written (training done, evaluation and
+    promotion still ahead): the champion pointer is untouched, and after the lock expires the next run completes
+    the cycle."""
     root = str(tmp_path / "store")
     _add_images(root, seed=1, per_class=16)
     temp_dir = f"/tmp/drn-{os.getpid()}"
@@ -112,11 +116,14 @@ def test_killed_between_training_and_promotion(ray_local, tmp_path):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 400
-        reports = f"{root}/registry/reports"
+        # The final epoch's checkpoint: after it come the end of the Train run and a Ray Data inference job on
+        # the holdout, seconds of work before any promotion. (Waiting for the first report file instead left a
+        # window of a few milliseconds between that write and the promotion: the kill sometimes came too late.)
         while time.monotonic() < deadline and job.poll() is None:
-            if os.path.isdir(reports) and any(os.scandir(reports)):
-                break  # evaluation started: the challenger is trained, nothing is promoted yet
-            time.sleep(0.2)
+            if any(json.loads(meta.read_text()).get("epoch") == EPOCHS - 1  # meta.json counts from 0
+                   for meta in Path(root, "runs").glob("nightly-*/checkpoint_*/meta.json")):
+                break
+            time.sleep(0.1)
         assert job.poll() is None, "the nightly run ended before it could be killed"
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=30)
