@@ -110,9 +110,11 @@ def build_dataset(
     balanced: bool = False,
     seed: int = 0,
     passthrough: tuple[str, ...] = (),
+    passes: int = 1,
 ):
     """A Ray Data dataset of uint8 NHWC image batches and int64 labels for one split of a manifest, plus the
-    manifest columns named in ``passthrough``."""
+    manifest columns named in ``passthrough``. ``passes`` > 1 streams the split that many times over in one
+    dataset (benchmarks on a small sample: one long pipeline, not a restart per pass)."""
     import ray
 
     rows = manifest.split(split).select(["image_uri", "label", *[c for c in passthrough if c != "image_uri"]])
@@ -123,14 +125,18 @@ def build_dataset(
     if not manifest.packed:
         _check_images_exist(rows["image_uri"].to_pylist(), split)
     if manifest.packed and not balanced:
-        return _packed_dataset(manifest, split, rows.num_rows, shuffle).map_batches(
+        return _packed_dataset(manifest, split, rows.num_rows, shuffle, passes).map_batches(
             transform, batch_size=32, batch_format="numpy")
     if balanced:
         # Resampling needs the row list: balanced sampling reads the per-image layout even when packed.
         rows = balanced_rows(rows, len(manifest.classes), seed)
-    # Enough blocks for every CPU to decode in parallel, while keeping each task's overhead amortised.
-    blocks = max(1, min(rows.num_rows // 32, 64))
-    ds = ray.data.from_arrow(rows).repartition(blocks)
+    if passes > 1:
+        rows = pa.concat_tables([rows] * passes)
+    # Enough blocks for every CPU to decode in parallel, while keeping each task's overhead amortised. Slices
+    # of the row table, not a repartition: that is an all-to-all step the pipeline would wait on every epoch.
+    blocks = max(1, min(rows.num_rows // 32, 64 * passes))
+    step = -(-rows.num_rows // blocks)
+    ds = ray.data.from_arrow([rows.slice(start, step) for start in range(0, rows.num_rows, step)])
     if shuffle:
         # Shuffling the tiny manifest rows (not the decoded pixels) is cheap; it re-runs every epoch.
         ds = ds.random_shuffle()
@@ -148,7 +154,7 @@ def _check_images_exist(uris: list[str], split: str, samples: int = 4) -> None:
             "were deleted since the manifest was staged; re-run dermray stage")
 
 
-def _packed_dataset(manifest: Manifest, split: str, expected_rows: int, shuffle: bool):
+def _packed_dataset(manifest: Manifest, split: str, expected_rows: int, shuffle: bool, passes: int = 1):
     """The split's packed shards as a Ray Data dataset of (image bytes, image_uri, label, group_id) rows."""
     import ray
 
@@ -158,9 +164,9 @@ def _packed_dataset(manifest: Manifest, split: str, expected_rows: int, shuffle:
         raise DermrayError(f"manifest names packed shards at {prefix} but there are none (re-stage with --pack)")
     # Rows were shuffled when packed; a new file order every epoch, plus the loop's local shuffle buffer, mixes
     # batches without moving the image bytes around the cluster.
-    ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None)
-    blocks = max(1, min(expected_rows // 32, 64))
-    return ds.repartition(blocks) if len(files) < blocks else ds
+    ds = ray.data.read_parquet(files * passes, shuffle="files" if shuffle else None)
+    blocks = max(1, min(expected_rows * passes // 32, 64 * passes))
+    return ds.repartition(blocks) if len(files) * passes < blocks else ds
 
 
 def normalize_on_device(images, device, channels_last: bool = True):
