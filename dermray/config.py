@@ -139,7 +139,16 @@ class RunConfig(_Strict):
     max_failures: int = Field(2, ge=-1)
     """Worker failures survived by restarting from the latest checkpoint (-1: unlimited)."""
     checkpoints_to_keep: int = Field(2, ge=1)
-    """Top-k retention, ranked by validation balanced accuracy."""
+    """Top-k retention, ranked by run.checkpoint_metric."""
+    checkpoint_metric: Literal["balanced_accuracy", "accuracy", "roc_auc", "loss"] = "balanced_accuracy"
+    """The validation metric that ranks checkpoints, for retention and for the summary's best ``checkpoint``
+    (loss: lowest wins). Balanced accuracy suits imbalanced dermoscopy classes; a recipe judged on accuracy or
+    ROC AUC should rank by that."""
+
+    @property
+    def checkpoint_score(self) -> tuple[str, Literal["max", "min"]]:
+        """(the reported metric's name, the order in which it is best)."""
+        return f"val_{self.checkpoint_metric}", "min" if self.checkpoint_metric == "loss" else "max"
 
 
 class NightlyConfig(_Strict):

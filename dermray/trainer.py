@@ -22,8 +22,6 @@ from dermray.taxonomy import melanoma_class, taxonomy_tree
 from dermray.train_loop import train_loop_per_worker
 from dermray.transforms import EvalPreset
 
-SCORE = "val_balanced_accuracy"
-
 
 def embedded_manifest(config: Config) -> str:
     """The embedded default's data: the synthetic dataset, staged once next to the run store."""
@@ -156,8 +154,9 @@ def train(config: Config, callbacks: list | None = None) -> dict:
             # Ray Train's own per-report INFO lines drown the per-epoch progress line; warnings still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.run.checkpoints_to_keep, checkpoint_score_attribute=SCORE,
-                checkpoint_score_order="max",
+                num_to_keep=config.run.checkpoints_to_keep,
+                checkpoint_score_attribute=config.run.checkpoint_score[0],
+                checkpoint_score_order=config.run.checkpoint_score[1],
             ),
         ),
         datasets=datasets,
@@ -166,7 +165,8 @@ def train(config: Config, callbacks: list | None = None) -> dict:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise DermrayError(f"training failed: {failure_reason(error)}") from None
-    summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location))
+    summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location),
+                        config.run.checkpoint_score)
     summary["classes_without_training_images"] = untrainable
     storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
     return summary
@@ -189,10 +189,12 @@ def _checkpoint_uri(checkpoint, run_uri: str) -> str:
     return storage.join(run_uri, storage.basename(checkpoint.path))
 
 
-def summarize(result, run_uri: str, resumed_from: str | None, seconds: float, manifest: str) -> dict:
-    best = max(
-        (pair for pair in (result.best_checkpoints or []) if SCORE in pair[1]),
-        key=lambda pair: pair[1][SCORE],
+def summarize(result, run_uri: str, resumed_from: str | None, seconds: float, manifest: str,
+              score: tuple[str, str] = ("val_balanced_accuracy", "max")) -> dict:
+    name, order = score
+    best = (max if order == "max" else min)(
+        (pair for pair in (result.best_checkpoints or []) if name in pair[1]),
+        key=lambda pair: pair[1][name],
         default=None,
     )
     checkpoint, metrics = best if best else (result.checkpoint, result.metrics or {})

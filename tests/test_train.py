@@ -139,3 +139,19 @@ def test_warm_start_from_another_class_list_is_refused(synthetic_manifest, tmp_p
     with pytest.raises(DermrayError, match="was trained on classes"):
         train(load_config(None, SMALL + [f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}",
                                          f"model.init_checkpoint={checkpoint}"]))
+
+
+@pytest.mark.slow
+def test_checkpoints_are_ranked_by_the_configured_metric(synthetic_manifest, tmp_path):
+    """run.checkpoint_metric=loss: the summary's best checkpoint is the epoch with the lowest validation loss of
+    the run's own per-epoch history, and its metrics are that epoch's."""
+    summary = train(load_config(None, [
+        "model.backbone=small_cnn", "model.image_size=32", "train.batch_size=16", "train.lr=0.003",
+        "train.epochs=4", "run.checkpoints_to_keep=1", "run.checkpoint_metric=loss",
+        f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}", "run.name=by-loss"]))
+    history = _load_state(summary["latest_checkpoint"])["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    lowest = min(history, key=lambda h: h["val_loss"])
+    assert summary["metrics"]["epoch"] == lowest["epoch"]
+    assert summary["metrics"]["loss"] == pytest.approx(lowest["val_loss"])
+    assert _load_state(summary["checkpoint"])["epoch"] == lowest["epoch"] - 1  # state.pt counts from 0
