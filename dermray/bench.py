@@ -21,6 +21,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -102,6 +103,15 @@ def _passes(images: int, seconds: float, cpus: int) -> int:
     return max(1, math.ceil(seconds * 400 * max(cpus, 1) / max(images, 1)) + 1)
 
 
+def _replicate_shards(prefix: str, copies: int) -> None:
+    """``copies`` - 1 more copies of each shard file under new names, so that one dataset streams the packed sample
+    that many times, like the per-image pipeline's passes (Ray reads a file that a list names twice only once)."""
+    for uri in [f for f in storage.list_files(prefix) if f.endswith(".parquet")]:
+        data = storage.read_bytes(uri)
+        for copy in range(1, copies):
+            storage.write_bytes(storage.join(prefix, f"copy{copy:04d}-{storage.basename(uri)}"), data)
+
+
 class _ImageFiles:
     """torch Dataset for the DataLoader baseline: exactly the per-image work of the Ray Data map function."""
 
@@ -137,7 +147,8 @@ def list_images(images: str, limit: int | None) -> list[str]:
 
 
 def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack: bool = False,
-                 pack_size: int = 256, limit: int | None = None, batch_size: int = 32) -> dict:
+                 pack_size: int = 256, limit: int | None = None, batch_size: int = 32,
+                 pack_to: str | None = None) -> dict:
     import pyarrow as pa
     import ray
 
@@ -158,10 +169,12 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
     def count(batch) -> int:
         return len(batch["image"])
 
+    passes = _passes(len(uris), seconds, cpus)
+
     def ray_epochs(source: Manifest):
-        passes = _passes(len(uris), seconds, cpus)
-        return _repeat(lambda: build_dataset(source, "train", preset, passes=passes).iter_batches(
-            batch_size=batch_size, batch_format="numpy", prefetch_batches=4))
+        # Packed samples are repeated by copying their shards (_replicate_shards) instead.
+        return _repeat(lambda: build_dataset(source, "train", preset, passes=1 if source.packed else passes)
+                       .iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4))
 
     results: dict = {"images": len(uris), "image_size": image_size, "cpus": cpus, "seconds": seconds}
     print(f"[dermray] bench ingest: {len(uris)} images from {storage.normalize(images)}, {cpus} CPUs, "
@@ -177,12 +190,19 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
     if pack:
         from dermray.pack import pack_shards
 
-        with tempfile.TemporaryDirectory(prefix="dermray-bench-") as scratch:
+        # Shards in the same store as the images (--pack-to), so the comparison is the layout, not the store.
+        scratch = storage.join(pack_to or tempfile.mkdtemp(prefix="dermray-bench-"),
+                               f"dermray-bench-{uuid.uuid4().hex[:8]}")
+        try:
             started = time.perf_counter()
             packed = Manifest(table, ["x", "y"], "bench", packed=pack_shards(table, scratch, pack_size),
                               packed_size=pack_size)
             results["pack_seconds"] = round(time.perf_counter() - started, 1)
+            _replicate_shards(storage.join(packed.packed, "train"), passes)
             results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count)
+            results["packed_at"] = storage.normalize(scratch)
+        finally:
+            storage.delete(scratch)
         results["packed_vs_per_image"] = round(results["packed_images_per_s"] / results["ray_data_images_per_s"],
                                                2)
     ray_rate = results["ray_data_images_per_s"]
@@ -236,7 +256,9 @@ def bench_train(backbone: str, image_size: int, manifest: str | None = None, sec
         ensure_ray()
         loaded = read_manifest(manifest)
         preset = train_preset(image_size, AugmentConfig(rotation_degrees=180))
-        passes = _passes(loaded.split("train").num_rows, seconds, int(ray.cluster_resources().get("CPU", 1)))
+        # A packed manifest restarts its pipeline every pass (its shards are not ours to copy).
+        passes = 1 if loaded.packed else _passes(loaded.split("train").num_rows, seconds,
+                                                 int(ray.cluster_resources().get("CPU", 1)))
         real = _repeat(lambda: build_dataset(loaded, "train", preset, shuffle=True, passes=passes).iter_torch_batches(
             batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64},
             pin_memory=device.type == "cuda", prefetch_batches=4, drop_last=True))
@@ -274,7 +296,7 @@ EPILOG = textwrap.dedent(
     """\
     examples:
       dermray bench ingest --images ../shared/data/isic2018-sample/images --image-size 224 --pack
-      dermray bench ingest --images s3://bucket/isic2018/images --seconds 30
+      dermray bench ingest --images s3://bucket/isic2018/images --pack --pack-to s3://bucket/scratch
       dermray bench train --backbone resnet50 --image-size 224 --manifest ./dermray-store/datasets/isic2018
     """
 )
@@ -291,6 +313,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--seconds", type=float, default=20.0, help="length of each measurement (default 20)")
     ingest.add_argument("--pack", action="store_true", help="also pack the images and measure the shards")
     ingest.add_argument("--pack-size", type=int, default=256, help="longest side of packed images (default 256)")
+    ingest.add_argument("--pack-to", help="folder or prefix for the packed shards, deleted afterwards (default: a "
+                        "local temporary folder; give the images' bucket to compare layouts on the same store)")
     ingest.add_argument("--limit", type=int, help="use at most this many images")
     train = kinds.add_parser("train", help="training images/s: synthetic batches vs the real pipeline")
     train.add_argument("--backbone", default="resnet50", help="registry backbone (default resnet50)")
@@ -313,7 +337,7 @@ def run(args: argparse.Namespace) -> dict:
     with MachineMemoryPeak() as memory:
         if args.bench == "ingest":
             results = bench_ingest(args.images, args.image_size, args.seconds, args.pack, args.pack_size,
-                                   args.limit)
+                                   args.limit, pack_to=args.pack_to)
         else:
             results = bench_train(args.backbone, args.image_size, args.manifest, args.seconds, args.batch_size)
     results["peak_memory_gib"] = memory.gib

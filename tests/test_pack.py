@@ -19,7 +19,7 @@ from dermray.manifest import read_manifest
 from dermray.pack import resized_jpeg
 from dermray.sources import SourceOptions
 from dermray.stage import stage
-from tests.conftest import data_path
+from tests.conftest import data_path, upload_folder
 
 
 def test_resized_jpeg_keeps_the_aspect_and_only_shrinks():
@@ -98,3 +98,21 @@ def test_bench_ingest_and_train_in_tiny_mode(ray_local, tmp_path):
     assert train["synthetic_images_per_s"] > 0 and train["pipeline_images_per_s"] > 0
     assert train["pipeline_vs_synthetic"] == pytest.approx(
         train["pipeline_images_per_s"] / train["synthetic_images_per_s"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_bench_ingest_from_s3_packs_into_the_same_bucket_and_cleans_up(ray_local, s3_client, bucket):
+    keys = upload_folder(s3_client, bucket, "isic2018", data_path("isic2018-sample", "images"), limit=24)
+    result = subprocess.run([sys.executable, "-m", "dermray", "bench", "ingest", "--images", f"s3://{bucket}/isic2018",
+                             "--image-size", "64", "--seconds", "2", "--pack", "--pack-to", f"s3://{bucket}/scratch"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 1, result.stdout[-3000:]
+    ingest = json.loads(result.stdout)
+    assert ingest["images"] == len(keys)
+    assert ingest["ray_data_images_per_s"] > 0 and ingest["packed_images_per_s"] > 0
+    assert ingest["packed_at"].startswith(f"s3://{bucket}/scratch/dermray-bench-")
+    # The shards were read from the bucket, then removed: only the images remain (and the empty folder marker
+    # that pyarrow leaves for the parent prefix).
+    left = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert sorted(k for k in left if not k.endswith("/")) == sorted(keys), sorted(set(left) - set(keys))
