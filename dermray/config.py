@@ -265,6 +265,14 @@ class Config(_Strict):
         spec = BACKBONES.get(self.model.backbone)
         return spec.default_image_size if spec else 224
 
+    def with_manifest(self, manifest: str) -> Config:
+        """This config reading ``manifest``, with its image size pinned first: the image size of a config without
+        a manifest (the embedded default, 64 px) must not turn into the backbone's 224 once one is filled in."""
+        return self.model_copy(update={
+            "data": self.data.model_copy(update={"manifest": manifest}),
+            "model": self.model.model_copy(update={"image_size": self.image_size}),
+        })
+
     def with_absolute_paths(self) -> Config:
         """The config with the local paths that workers read made absolute (storage URIs unchanged): Tune trials
         run in working directories of their own, where ``./dermray-store/...`` would name nothing."""

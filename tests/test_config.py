@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dermray.config import Config, load_config, to_yaml
+from dermray.config import EMBEDDED_IMAGE_SIZE, Config, load_config, to_yaml
 from dermray.errors import DermrayError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
@@ -79,3 +79,16 @@ def test_every_shipped_yaml_loads(path):
     assert isinstance(config, Config)
     raw = yaml.safe_load(path.read_text())
     assert set(raw) - {"tune"} <= set(Config.model_fields)
+
+
+def test_filling_in_the_embedded_manifest_keeps_the_embedded_image_size():
+    """tune and nightly stage the embedded data and then set data.manifest: the 64 px of the embedded default must
+    survive that (it once became resnet18's 224 px, and every sweep trial ran 12 times the compute)."""
+    embedded = load_config(None)
+    assert embedded.data.manifest is None and embedded.image_size == EMBEDDED_IMAGE_SIZE
+    filled = embedded.with_manifest("/data/synthetic/manifest.parquet")
+    assert filled.data.manifest == "/data/synthetic/manifest.parquet"
+    assert filled.model.image_size == EMBEDDED_IMAGE_SIZE == filled.image_size
+    # A config that names its data keeps the backbone's own size.
+    named = load_config(None, ["data.manifest=/data/isic/manifest.parquet", "model.backbone=inception_v3"])
+    assert named.with_manifest("/data/isic2/manifest.parquet").image_size == 299
