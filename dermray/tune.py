@@ -154,6 +154,7 @@ def _plot(table, space: dict[str, SearchDimension], metric: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     keys = list(space)
     figure, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.2), squeeze=False)
@@ -163,6 +164,8 @@ def _plot(table, space: dict[str, SearchDimension], metric: str) -> bytes:
             axis.scatter(group[key], group[metric], label=status, color=colours.get(status, "grey"), s=28)
         if space[key].type == "loguniform":
             axis.set_xscale("log")
+            # A range within one decade gets labelled minor ticks (2x10^-3, 3x10^-3, ...) that run into each other.
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set(xlabel=key, ylabel=metric if axis is axes[0][0] else None)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
