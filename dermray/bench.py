@@ -191,8 +191,8 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
         from dermray.pack import pack_shards
 
         # Shards in the same store as the images (--pack-to), so the comparison is the layout, not the store.
-        scratch = storage.join(pack_to or tempfile.mkdtemp(prefix="dermray-bench-"),
-                               f"dermray-bench-{uuid.uuid4().hex[:8]}")
+        local = None if pack_to else tempfile.mkdtemp(prefix="dermray-bench-")
+        scratch = storage.join(pack_to or local, f"dermray-bench-{uuid.uuid4().hex[:8]}")
         try:
             started = time.perf_counter()
             packed = Manifest(table, ["x", "y"], "bench", packed=pack_shards(table, scratch, pack_size),
@@ -202,7 +202,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
             results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count)
             results["packed_at"] = storage.normalize(scratch)
         finally:
-            storage.delete(scratch)
+            storage.delete(local or scratch)
         results["packed_vs_per_image"] = round(results["packed_images_per_s"] / results["ray_data_images_per_s"],
                                                2)
     ray_rate = results["ray_data_images_per_s"]
