@@ -58,8 +58,8 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
     image_size: int | None = Field(None, ge=16, le=1024)
-    """Input side in pixels; none means the backbone's default (299 for inception_v3, else 224), or 64 px for the
-    embedded synthetic dataset."""
+    """Input side in pixels; none means the backbone's default (299 for inception_v3, else 224), or 64 px (at least
+    the backbone's minimum) for synthetic data, such as the embedded default's. Decided from the manifest read."""
     weights: str | None = None
     """ImageNet weights: a local file or storage URI (.pth/.pt state dict or .safetensors); none = random init."""
     init_checkpoint: str | None = None
@@ -256,21 +256,29 @@ class Config(_Strict):
 
     @property
     def image_size(self) -> int:
+        """The input size before the data is read: a config without a manifest trains on the embedded synthetic
+        set. The trainer decides with the manifest in hand (``with_manifest``)."""
+        return self.image_size_for("synthetic" if self.data.manifest is None else None)
+
+    def image_size_for(self, source: str | None) -> int:
+        """model.image_size when set; else 64 px for synthetic lesions (drawn at 96 px, so larger inputs only cost
+        time; at least the backbone's minimum), else the backbone's own size (299 for inception_v3, else 224)."""
         from dermray.models import BACKBONES
 
         if self.model.image_size is not None:
             return self.model.image_size
-        if self.data.manifest is None:
-            return EMBEDDED_IMAGE_SIZE  # the embedded synthetic lesions are small: 64 px keeps it minutes on a CPU
         spec = BACKBONES.get(self.model.backbone)
+        if source == "synthetic":
+            return max(EMBEDDED_IMAGE_SIZE, spec.min_image_size if spec else 0)
         return spec.default_image_size if spec else 224
 
-    def with_manifest(self, manifest: str) -> Config:
-        """This config reading ``manifest``, with its image size pinned first: the image size of a config without
-        a manifest (the embedded default, 64 px) must not turn into the backbone's 224 once one is filled in."""
+    def with_manifest(self, manifest: str, source: str) -> Config:
+        """This config reading ``manifest`` (staged from ``source``), with the image size that data implies pinned:
+        the saved config and every checkpoint then say what ran. (Derived from a null data.manifest instead, the
+        size went wrong whenever a caller filled the manifest in: tune and nightly do.)"""
         return self.model_copy(update={
             "data": self.data.model_copy(update={"manifest": manifest}),
-            "model": self.model.model_copy(update={"image_size": self.image_size}),
+            "model": self.model.model_copy(update={"image_size": self.image_size_for(source)}),
         })
 
     def with_absolute_paths(self) -> Config:

@@ -134,10 +134,11 @@ def nightly(config: Config) -> dict:
         staged = _stage(cfg, config.train.seed)
         manifest = manifest_uri(cfg.dataset)
         warm = _warm_start(champion_checkpoint, config, staged["classes"])
-        resolved = config.with_manifest(manifest)
-        train_config = resolved.model_copy(update={
-            "model": resolved.model.model_copy(update={"init_checkpoint": warm, "weights": None if warm else
-                                                       config.model.weights}),
+        # The trainer sizes the images from the staged manifest's source (a nightly config names no manifest).
+        train_config = config.model_copy(update={
+            "data": config.data.model_copy(update={"manifest": manifest}),
+            "model": config.model.model_copy(update={"init_checkpoint": warm, "weights": None if warm else
+                                                     config.model.weights}),
             "run": config.run.model_copy(update={"name": run}),
         })
         _log(f"training challenger {run}" + (f" from the champion {warm}" if warm else ""))

@@ -102,7 +102,7 @@ def train(config: Config, callbacks: list | None = None) -> dict:
     manifest_location = config.data.manifest or embedded_manifest(config)
     manifest = read_manifest(manifest_location)
     # Resolve the defaults that depend on the data, so the saved config (and every checkpoint) says what ran.
-    config = config.with_manifest(manifest_uri(manifest_location))
+    config = config.with_manifest(manifest_uri(manifest_location), manifest.source)
     untrainable = [name for name, count in manifest.class_counts(config.data.train_split).items() if count == 0]
     if untrainable:
         # Not fatal (a class may be declared for the taxonomy or arrive later), but the model cannot learn it.

@@ -195,7 +195,9 @@ def sweep(config: Config) -> dict:
     # Stage the embedded data once here, not in every trial at the same time.
     manifest = config.data.manifest or embedded_manifest(config)
     trials_at_once, cpus_per_worker = concurrency(config, ray.cluster_resources())
-    base = config.with_manifest(manifest).model_copy(update={
+    # Each trial's trainer sizes the images from this manifest's source (64 px for the embedded synthetic set).
+    base = config.model_copy(update={
+        "data": config.data.model_copy(update={"manifest": manifest}),
         "scaling": config.scaling.model_copy(update={"cpus_per_worker": cpus_per_worker}),
     }).model_dump(mode="json")
     check_space(base, settings.space)

@@ -81,14 +81,19 @@ def test_every_shipped_yaml_loads(path):
     assert set(raw) - {"tune"} <= set(Config.model_fields)
 
 
-def test_filling_in_the_embedded_manifest_keeps_the_embedded_image_size():
-    """tune and nightly stage the embedded data and then set data.manifest: the 64 px of the embedded default must
-    survive that (it once became resnet18's 224 px, and every sweep trial ran 12 times the compute)."""
+def test_the_image_size_follows_the_data_not_a_null_manifest():
+    """The trainer pins the size from the manifest it reads. A null data.manifest is not the signal: tune fills in
+    the embedded manifest (whose lesions then trained at resnet18's 224 px, 12 times the compute), and a nightly
+    config names no manifest at all although its data may be real."""
     embedded = load_config(None)
     assert embedded.data.manifest is None and embedded.image_size == EMBEDDED_IMAGE_SIZE
-    filled = embedded.with_manifest("/data/synthetic/manifest.parquet")
-    assert filled.data.manifest == "/data/synthetic/manifest.parquet"
-    assert filled.model.image_size == EMBEDDED_IMAGE_SIZE == filled.image_size
-    # A config that names its data keeps the backbone's own size.
-    named = load_config(None, ["data.manifest=/data/isic/manifest.parquet", "model.backbone=inception_v3"])
-    assert named.with_manifest("/data/isic2/manifest.parquet").image_size == 299
+    synthetic = embedded.with_manifest("/data/synthetic/manifest.parquet", "synthetic")
+    assert synthetic.data.manifest == "/data/synthetic/manifest.parquet"
+    assert synthetic.model.image_size == EMBEDDED_IMAGE_SIZE == synthetic.image_size
+    # The nightly case: no manifest in the config, real images staged from a CSV: the backbone's own size.
+    assert embedded.with_manifest("/data/nightly/manifest.parquet", "csv").model.image_size == 224
+    inception = load_config(None, ["model.backbone=inception_v3"])
+    assert inception.with_manifest("/data/isic/manifest.parquet", "isic2018").image_size == 299
+    assert inception.with_manifest("/data/s/manifest.parquet", "synthetic").image_size == 299  # its minimum
+    explicit = load_config(None, ["model.image_size=48"])
+    assert explicit.with_manifest("/data/isic/manifest.parquet", "isic2018").image_size == 48

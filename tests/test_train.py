@@ -155,3 +155,15 @@ def test_checkpoints_are_ranked_by_the_configured_metric(synthetic_manifest, tmp
     assert summary["metrics"]["epoch"] == lowest["epoch"]
     assert summary["metrics"]["loss"] == pytest.approx(lowest["val_loss"])
     assert _load_state(summary["checkpoint"])["epoch"] == lowest["epoch"] - 1  # state.pt counts from 0
+
+
+@pytest.mark.slow
+def test_a_run_sizes_its_images_from_the_manifest_it_reads(synthetic_manifest, tmp_path):
+    """With data.manifest filled in and no model.image_size (what tune and nightly hand the trainer), synthetic
+    data trains at the embedded 64 px, not at the backbone's 224, and the saved config says so."""
+    summary = train(load_config(None, ["model.backbone=small_cnn", "train.batch_size=16", "train.epochs=1",
+                                       f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}",
+                                       "run.name=sized"]))
+    saved = load_config(storage.join(summary["run"], "config.yaml"))
+    assert saved.model.image_size == 64
+    assert _load_state(summary["checkpoint"])["config"]["model"]["image_size"] == 64
