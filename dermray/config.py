@@ -235,10 +235,20 @@ class TuneSection(_Strict):
     metric: str = "val_balanced_accuracy"
     """Any metric a training epoch reports: val_balanced_accuracy, val_accuracy, val_roc_auc, val_loss, ..."""
     mode: Literal["max", "min"] = "max"
-    scheduler: Literal["asha", "none"] = "asha"
-    """ASHA stops trials that trail the others at each rung (after grace_period epochs, then x reduction_factor)."""
+    scheduler: Literal["asha", "pbt", "none"] = "asha"
+    """asha: stops trials that trail the others at each rung (after grace_period epochs, then x reduction_factor).
+    pbt: population-based training; every perturbation_interval epochs a trial in the bottom quantile_fraction
+    continues from the checkpoint of one in the top, with that trial's hyperparameters perturbed (a schedule of
+    learning rate and augmentation strengths, not one fixed value). Works best when every trial runs at once."""
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
+    perturbation_interval: int = Field(2, ge=1)
+    """pbt: epochs between a trial's exploit/explore steps."""
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)
+    """pbt: the share of trials that copy (bottom) and are copied (top)."""
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0)
+    """pbt: chance that an explored value is drawn afresh from its dimension instead of multiplied by 0.8 or 1.2
+    (choice and grid values move to a neighbouring value); values stay within the dimension's low and high."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """None: as many as the cluster fits (GPUs, or CPUs beyond scaling.data_cpus), given the trial's workers."""
     seed: int = 0

@@ -56,6 +56,18 @@ def build_scheduler(
     )
 
 
+def set_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float,
+                        weight_decay: float) -> None:
+    """Put a config's base learning rate and weight decay into an optimizer and schedule restored from a
+    checkpoint, at the schedule's current step. A checkpoint stores the values it ran with; a population-based
+    trial continues another trial's checkpoint with hyperparameters of its own (for a plain resume, a no-op)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = weight_decay
+
+
 def autocast_for(device: torch.device, amp: str):
     """bf16 autocast on GPU (no loss scaling needed, unlike fp16); full precision on CPU unless asked."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):

@@ -23,7 +23,14 @@ from torch import nn
 
 from dermray.checkpoint import META_FILE, STATE_FILE, read_checkpoint_state
 from dermray.config import Config
-from dermray.engine import build_optimizer, build_scheduler, classification_metrics, predict, train_one_epoch
+from dermray.engine import (
+    build_optimizer,
+    build_scheduler,
+    classification_metrics,
+    predict,
+    set_hyperparameters,
+    train_one_epoch,
+)
 from dermray.models import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
 
 
@@ -131,7 +138,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     start_epoch, resume_state, history = 0, None, []
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (a relaunch), else the one it was told to continue (a population-based
+    # trial taking over another trial's model): weights, optimizer, schedule and epoch counter alike.
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("continue_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume_state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
@@ -183,6 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if resume_state is not None and resume_state["phase"] == phase:
                 optimizer.load_state_dict(resume_state["optimizer"])
                 scheduler.load_state_dict(resume_state["scheduler"])
+                set_hyperparameters(optimizer, scheduler, lr, config.train.weight_decay)
             # DDP registers gradient hooks for the parameters trainable when it wraps: re-wrap per phase.
             ddp_model = ray.train.torch.prepare_model(model)
 

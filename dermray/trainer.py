@@ -88,9 +88,11 @@ def latest_checkpoint(run_uri: str) -> str | None:
     return storage.join(run_uri, name) if name else None
 
 
-def train(config: Config, callbacks: list | None = None) -> dict:
+def train(config: Config, callbacks: list | None = None, continue_from=None) -> dict:
     """Run (or resume) the training described by ``config``; returns the JSON summary (also written to
-    ``<run>/summary.json``). ``callbacks`` are Ray Train callbacks (a Tune sweep passes its report callback)."""
+    ``<run>/summary.json``). ``callbacks`` are Ray Train callbacks (a Tune sweep passes its report callback);
+    ``continue_from`` is a ``ray.train.Checkpoint`` that a new run starts from (weights, optimizer, schedule and
+    epoch counter: a population-based trial taking over another's model); the run's own checkpoints win."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -123,6 +125,9 @@ def train(config: Config, callbacks: list | None = None) -> dict:
     resumed_from = latest_checkpoint(run_uri)
     if resumed_from:
         print(f"[dermray] run '{config.run.name}' exists: resuming from {resumed_from}", file=sys.stderr, flush=True)
+    elif continue_from is not None:
+        print(f"[dermray] run '{config.run.name}' continues from the checkpoint {continue_from.path}",
+              file=sys.stderr, flush=True)
     storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
 
     resources, threads = worker_resources(config)
@@ -135,6 +140,7 @@ def train(config: Config, callbacks: list | None = None) -> dict:
         if config.train.imbalance == "weighted_loss" else None,
         "train_rows": manifest.split(config.data.train_split).num_rows,
         "torch_threads": threads,
+        "continue_from": continue_from,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,10 +1,12 @@
 """``dermray tune``: a Ray Tune sweep in which every trial is a full ``dermray train`` run.
 
 The Ray Train V2 pattern (Ray 2.60): each Tune trial runs a small driver function that builds its own
-``TorchTrainer`` (so a trial can itself be multi-worker and multi-GPU) with a ``TuneReportCallback`` that forwards
-every epoch's validation metrics to Tune; ASHA stops the trials that trail at each rung. The trial's Train run is
-named after the trial id under ``<run.storage>/<tune.name>/``, so an interrupted sweep, launched again with the same
-name, restores the Tuner and each unfinished trial resumes from its own latest checkpoint.
+``TorchTrainer`` (so a trial can itself be multi-worker and multi-GPU) with a callback that forwards every epoch's
+validation metrics to Tune (``dermray.tune_bridge``); ASHA stops the trials that trail at each rung. The trial's
+Train run is named after the trial id under ``<run.storage>/<tune.name>/``, so an interrupted sweep, launched again
+with the same name, restores the Tuner and each unfinished trial resumes from its own latest checkpoint.
+Population-based training (``tune.scheduler: pbt``) also hands each epoch's checkpoint to Tune; a trial that Tune
+starts from a checkpoint (a leader's, after an exploit step) trains a new Train run continuing it.
 
 Outputs under ``<run.storage>/<tune.name>/``: ``trials.csv`` (one row per trial: hyperparameters, metric,
 epochs, status, checkpoint), ``sweep.png`` (the metric against each searched hyperparameter) and
@@ -17,11 +19,13 @@ import argparse
 import io
 import json
 import math
+import re
 import sys
 import textwrap
 import time
 
 from dermray import storage
+from dermray.checkpoint import META_FILE
 from dermray.config import Config, SearchDimension, TuneSection, config_from_dict, set_dotted, to_yaml
 from dermray.errors import DermrayError
 
@@ -51,6 +55,42 @@ def _probe_value(dimension: SearchDimension):
     if dimension.type == "randint":
         return int(dimension.low)
     return dimension.low
+
+
+def _mutation(dimension: SearchDimension):
+    """What PBT's explore step draws from: a list moves to a neighbouring value; a range is resampled or scaled."""
+    return list(dimension.values) if dimension.values else _sampler(dimension)
+
+
+def clip_to_space(config: dict, bounds: dict[str, tuple[float, float]]) -> dict:
+    """PBT scales a value by 0.8 or 1.2 without looking at its range: bring it back inside (a flip probability of
+    1.1 would fail the trial's config check)."""
+    overrides = config["overrides"]
+    for key, (low, high) in bounds.items():
+        value = min(max(overrides[key], low), high)
+        overrides[key] = int(round(value)) if isinstance(overrides[key], int) else value
+    return config
+
+
+def _scheduler(settings: TuneSection, epochs: int):
+    import functools
+
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if settings.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(settings.grace_period,
+                             epochs), reduction_factor=settings.reduction_factor)
+    if settings.scheduler == "pbt":
+        bounds = {key: (d.low, d.high - 1 if d.type == "randint" else d.high)
+                  for key, d in settings.space.items() if not d.values}
+        # time_attr "epoch" is the model's own epoch counter, which a trial takes over with a checkpoint.
+        return PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=settings.perturbation_interval,
+            hyperparam_mutations={"overrides": {key: _mutation(d) for key, d in settings.space.items()}},
+            quantile_fraction=settings.quantile_fraction, resample_probability=settings.resample_probability,
+            custom_explore_fn=functools.partial(clip_to_space, bounds=bounds),
+        )
+    return None
 
 
 def trial_config(base: dict, overrides: dict) -> Config:
@@ -89,31 +129,79 @@ def concurrency(config: Config, cluster: dict) -> tuple[int, float]:
     return trials, math.floor(min(config.scaling.cpus_per_worker, share) * 1000) / 1000
 
 
-def _run_trial(sampled: dict, base: dict, sweep_storage: str) -> None:
-    """The Tune trainable: one `dermray train` run, named after the trial, reporting every epoch to Tune."""
+def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints: bool) -> None:
+    """The Tune trainable: one `dermray train` run, named after the trial, reporting every epoch to Tune.
+
+    With ``share_checkpoints`` (PBT) every epoch's checkpoint goes to Tune too, and a trial that Tune starts from
+    a checkpoint (another trial's, after an exploit step; its own, after a pause or an interrupted sweep) trains a
+    new Train run continuing that checkpoint with this trial's current hyperparameters. Without it (ASHA), a
+    relaunched trial resumes its own Train run from that run's latest checkpoint."""
+    import uuid
+
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from dermray.trainer import train
+    from dermray.tune_bridge import train_reporting_to_tune
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, sampled["overrides"])
-    config = config.model_copy(update={"run": config.run.model_copy(update={"name": trial_id,
+    start = ray.tune.get_checkpoint() if share_checkpoints else None
+    run_name = trial_id
+    if start is not None:
+        source, epoch = _lineage(start)
+        if epoch >= config.train.epochs:
+            return  # paused (PBT gives others their turn) right after its last epoch: nothing left to train
+        # A fresh name per start: a trial may continue several checkpoints in its life, and a Train run named
+        # twice would resume its own latest checkpoint instead of the one Tune gave.
+        run_name = f"{trial_id}-from-{source}-e{epoch}-{uuid.uuid4().hex[:6]}"
+    config = config.model_copy(update={"run": config.run.model_copy(update={"name": run_name,
                                                                            "storage": sweep_storage})})
-    train(config, callbacks=[TuneReportCallback()])
+    train_reporting_to_tune(lambda callbacks: train(config, callbacks=callbacks, continue_from=start),
+                            share_checkpoints, {"train_run": run_name})
 
 
-def _best_checkpoint(run_uri: str, metric: str, mode: str) -> str | None:
-    """The retained checkpoint of a trial's run with the best value of ``metric`` (Ray Train's snapshot)."""
-    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
-    if not storage.exists(snapshot):
-        return None
-    results = json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])
-    scored = [(r["metrics"][metric], r["checkpoint_dir_name"]) for r in results if metric in r.get("metrics", {})]
+def _lineage(checkpoint) -> tuple[str, int]:
+    """(trial, epochs done) of the model in a Tune checkpoint: the trial whose Train run saved it, read from its
+    meta.json without fetching the weights."""
+    import posixpath
+
+    with checkpoint.filesystem.open_input_file(posixpath.join(checkpoint.path, META_FILE)) as handle:
+        meta = json.loads(handle.read())
+    return meta["config"]["run"]["name"].split("-")[0], meta["epoch"] + 1
+
+
+CONTINUATION_RUN = re.compile(r"^(?P<trial>[^-]+)-from-(?P<source>[^-]+)-e(?P<epoch>\d+)-[0-9a-f]+$")
+
+
+def _trial_runs(run_names: list[str], trial_id: str) -> tuple[list[str], list[str]]:
+    """A trial's Train runs (the first one is named after the trial; PBT adds one per checkpoint it continued,
+    ``<trial>-from-<source trial>-e<epoch>-<id>``) and the other trials' checkpoints it took over
+    (``<source>@<epoch>``, by epoch). Read from the runs in storage: Tune's per-trial logs lose rows when a
+    trial restarts."""
+    runs, taken = [], []
+    for name in run_names:
+        match = CONTINUATION_RUN.match(name)
+        if name == trial_id or (match and match["trial"] == trial_id):
+            runs.append(name)
+            if match and match["source"] != trial_id:
+                taken.append((int(match["epoch"]), f"{match['source']}@{match['epoch']}"))
+    return runs, [label for _, label in sorted(taken)]
+
+
+def _best_checkpoint(run_uris: list[str], metric: str, mode: str) -> tuple[float, str] | None:
+    """(value, URI) of the retained checkpoint with the best ``metric`` among a trial's Train runs (Ray Train's
+    snapshots; a PBT trial has one run per checkpoint it continued)."""
+    scored = []
+    for run_uri in run_uris:
+        snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+        if not storage.exists(snapshot):
+            continue
+        results = json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])
+        scored += [(r["metrics"][metric], storage.join(run_uri, r["checkpoint_dir_name"]))
+                   for r in results if metric in r.get("metrics", {})]
     if not scored:
         return None
-    _, name = (max if mode == "max" else min)(scored)
-    return storage.join(run_uri, name)
+    return (max if mode == "max" else min)(scored)
 
 
 def _error_line(error: BaseException) -> str:
@@ -124,18 +212,41 @@ def _error_line(error: BaseException) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
+def _trial_history(result):
+    """Every result a trial reported. Ray 2.60's ``Result.metrics_dataframe`` reads the trial's result.json, which
+    lost rows when the trial restarted from a checkpoint (seen with PBT: 2 of 4 epochs left); progress.csv, written
+    alongside, kept them all."""
+    import pandas as pd
+
+    frame = result.metrics_dataframe
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/progress.csv") as handle:
+            history = pd.read_csv(io.BytesIO(handle.readall()), dtype={"trial_id": str})
+    except (OSError, ValueError):  # no such file, or an empty one
+        return frame
+    return history if frame is None or len(history) >= len(frame) else frame
+
+
 def _results_table(results, config: Config, sweep_dir: str):
     import pandas as pd
 
+    metric, mode = config.tune.metric, config.tune.mode
+    pick = max if mode == "max" else min
+    run_names = [storage.basename(uri) for uri in storage.list_dirs(sweep_dir)]
     rows = []
     for result in results:
-        history = result.metrics_dataframe
+        history = _trial_history(result)
+        last = result.metrics or {}
         overrides = (result.config or {}).get("overrides", {})
-        metric = config.tune.metric
-        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        values = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
-        best = (values.max() if config.tune.mode == "max" else values.min()) if len(values) else None
-        trial_id = (result.metrics or {}).get("trial_id") or storage.basename(result.path)
+        trial_id = last.get("trial_id") or storage.basename(result.path)
+        runs, taken = _trial_runs(run_names, trial_id)
+        best_checkpoint = _best_checkpoint([storage.join(sweep_dir, run) for run in runs], metric, mode)
+        values = [float(v) for v in (history[metric].dropna() if history is not None and metric in history else [])]
+        if metric in last:
+            values.append(float(last[metric]))
+        best = pick(values + ([best_checkpoint[0]] if best_checkpoint else []), default=None)
+        epochs = max([int(history["epoch"].max())] if history is not None and "epoch" in history else [],
+                     default=int(last.get("epoch") or 0))
         if result.error:
             status = "error"
         elif epochs >= trial_config(config.model_dump(mode="json"), overrides).train.epochs:
@@ -143,9 +254,11 @@ def _results_table(results, config: Config, sweep_dir: str):
         else:
             status = "stopped early"
         rows.append({"trial": trial_id, **overrides, metric: best,
-                     f"last_{metric}": float(values.iloc[-1]) if len(values) else None, "epochs": epochs,
+                     f"last_{metric}": last.get(metric, values[-1] if values else None), "epochs": epochs,
                      "status": status, "error": _error_line(result.error) if result.error else "",
-                     "checkpoint": _best_checkpoint(storage.join(sweep_dir, trial_id), metric, config.tune.mode)})
+                     # PBT: the checkpoints of other trials this one took over ("<trial>@<epoch>"), in order.
+                     "continued": "; ".join(taken),
+                     "checkpoint": best_checkpoint[1] if best_checkpoint else None})
     return pd.DataFrame(rows)
 
 
@@ -182,7 +295,6 @@ def sweep(config: Config) -> dict:
 
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from dermray.ray_runtime import ensure_ray
@@ -203,8 +315,9 @@ def sweep(config: Config) -> dict:
     check_space(base, settings.space)
     storage_root = storage.normalize(config.run.storage)
     sweep_dir = storage.join(storage_root, settings.name)
+    pbt = settings.scheduler == "pbt"
     trainable = tune.with_resources(
-        functools.partial(_run_trial, base=base, sweep_storage=sweep_dir),
+        functools.partial(_run_trial, base=base, sweep_storage=sweep_dir, share_checkpoints=pbt),
         {"CPU": TRIAL_CPU},
     )
     tune_path = storage.storage_path_for_ray(sweep_dir)
@@ -213,23 +326,29 @@ def sweep(config: Config) -> dict:
         print(f"[dermray] tune: resuming the sweep in {sweep_dir}", file=sys.stderr, flush=True)
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
     else:
-        epochs = base["train"]["epochs"]
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(
-            settings.grace_period, epochs), reduction_factor=settings.reduction_factor)
-            if settings.scheduler == "asha" else None)
         tuner = tune.Tuner(
             trainable,
             param_space={"overrides": {key: _sampler(d) for key, d in settings.space.items()}},
             tune_config=tune.TuneConfig(
-                metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples, scheduler=scheduler,
+                metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
+                scheduler=_scheduler(settings, base["train"]["epochs"]), reuse_actors=False,
                 # The concurrency cap goes on the generator: Tune ignores max_concurrent_trials next to one.
                 search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=trials_at_once),
             ),
-            run_config=tune.RunConfig(name=settings.name, storage_path=storage.storage_path_for_ray(storage_root),
-                                      verbose=1),
+            run_config=tune.RunConfig(
+                name=settings.name, storage_path=storage.storage_path_for_ray(storage_root), verbose=1,
+                # PBT copies the checkpoint a trial reports at each perturbation step: keep a few per trial (Train
+                # keeps its own best ones in the trial's run).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2 * settings.perturbation_interval + 2)
+                if pbt else None,
+            ),
         )
     print(f"[dermray] tune: {settings.num_samples} sample(s), {trials_at_once} trial(s) at a time, "
-          f"metric {settings.metric} ({settings.mode})", file=sys.stderr, flush=True)
+          f"metric {settings.metric} ({settings.mode}), scheduler {settings.scheduler}", file=sys.stderr, flush=True)
+    population = settings.num_samples * math.prod(len(d.values) for d in settings.space.values() if d.type == "grid")
+    if pbt and population > trials_at_once:
+        print(f"[dermray] tune: PBT with {population} trials and room for {trials_at_once} at a time: trials take "
+              "turns, pausing at each perturbation step (each turn restarts a Train run)", file=sys.stderr, flush=True)
     results = tuner.fit()
 
     table = _results_table(results, config, sweep_dir)
@@ -250,6 +369,9 @@ def sweep(config: Config) -> dict:
         "trials": int(len(table)), "completed": int((table["status"] == "completed").sum()),
         "stopped_early": int((table["status"] == "stopped early").sum()),
         "errors": int((table["status"] == "error").sum()), "metric": settings.metric,
+        "scheduler": settings.scheduler,
+        # PBT exploit steps: a trial continuing another trial's checkpoint.
+        "continued_checkpoints": int(sum(len(c.split("; ")) for c in table["continued"] if c)),
         "best_metric": float(best[settings.metric]), "best_trial": best["trial"],
         "best_checkpoint": best["checkpoint"], "best_config": best_config_uri,
         "best_hyperparameters": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()
@@ -274,6 +396,10 @@ EPILOG = textwrap.dedent(
           data.augment.rotation_degrees: {type: uniform, low: 0, high: 180}
           data.augment.hflip_p: {type: choice, values: [0.0, 0.5]}
 
+    population-based training instead of ASHA: every 2 epochs the bottom quarter of the trials continue from
+    checkpoints of the top quarter with their hyperparameters perturbed (lr, augmentation become schedules):
+      dermray tune --set tune.scheduler=pbt --set tune.num_samples=4 --set tune.perturbation_interval=2
+
     launching the same tune.name again resumes an interrupted sweep. Then train the winner:
       dermray train --config <run.storage>/<tune.name>/best_config.yaml
     """
@@ -284,9 +410,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from dermray.cli import add_config_arguments
 
     p = sub.add_parser(
-        "tune", help="hyperparameter sweep (Ray Tune + ASHA), each trial a full training run",
+        "tune", help="hyperparameter sweep (Ray Tune + ASHA or PBT), each trial a full training run",
         description="A Ray Tune sweep over the YAML's tune.space; every trial is a Ray Train run (itself "
-        "multi-worker/multi-GPU as configured), ASHA stops trailing trials, results go to "
+        "multi-worker/multi-GPU as configured), ASHA stops trailing trials (or PBT has them take over leaders' "
+        "checkpoints), results go to "
         "<run.storage>/<tune.name>/ (trials.csv, sweep.png, best_config.yaml).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
