@@ -103,13 +103,27 @@ def _passes(images: int, seconds: float, cpus: int) -> int:
     return max(1, math.ceil(seconds * 400 * max(cpus, 1) / max(images, 1)) + 1)
 
 
-def _replicate_shards(prefix: str, copies: int) -> None:
-    """``copies`` - 1 more copies of each shard file under new names, so that one dataset streams the packed sample
-    that many times, like the per-image pipeline's passes (Ray reads a file that a list names twice only once)."""
-    for uri in [f for f in storage.list_files(prefix) if f.endswith(".parquet")]:
-        data = storage.read_bytes(uri)
-        for copy in range(1, copies):
-            storage.write_bytes(storage.join(prefix, f"copy{copy:04d}-{storage.basename(uri)}"), data)
+def _grow_shards(prefix: str, rows: int) -> None:
+    """Rewrite the packed sample under ``prefix`` as full-size shards (DEFAULT_ROWS_PER_SHARD rows each, the
+    sample's rows repeated) holding about ``rows`` rows in all, so that one dataset streams the sample several
+    times over through the layout real data has: the sample alone packs into one small shard (62 rows for UDA-1),
+    and streaming many copies of it timed Ray's per-file overhead, not the layout's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermray.pack import DEFAULT_ROWS_PER_SHARD
+
+    originals = [f for f in storage.list_files(prefix) if f.endswith(".parquet")]
+    sample = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in originals])
+    per_shard = sample.num_rows * max(1, DEFAULT_ROWS_PER_SHARD // sample.num_rows)
+    shard = pa.concat_tables([sample] * (per_shard // sample.num_rows))
+    buffer = pa.BufferOutputStream()
+    pq.write_table(shard, buffer)
+    data = buffer.getvalue().to_pybytes()
+    for index in range(max(1, math.ceil(rows / per_shard))):
+        storage.write_bytes(storage.join(prefix, f"grown-{index:04d}.parquet"), data)
+    for uri in originals:
+        storage.delete(uri)
 
 
 class _ImageFiles:
@@ -172,7 +186,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
     passes = _passes(len(uris), seconds, cpus)
 
     def ray_epochs(source: Manifest):
-        # Packed samples are repeated by copying their shards (_replicate_shards) instead.
+        # Packed samples are repeated by growing their shards (_grow_shards) instead.
         return _repeat(lambda: build_dataset(source, "train", preset, passes=1 if source.packed else passes)
                        .iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4))
 
@@ -198,7 +212,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
             packed = Manifest(table, ["x", "y"], "bench", packed=pack_shards(table, scratch, pack_size),
                               packed_size=pack_size)
             results["pack_seconds"] = round(time.perf_counter() - started, 1)
-            _replicate_shards(storage.join(packed.packed, "train"), passes)
+            _grow_shards(storage.join(packed.packed, "train"), passes * len(uris))
             results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count)
             results["packed_at"] = storage.normalize(scratch)
         finally:

@@ -126,7 +126,7 @@ def build_dataset(
         _check_images_exist(rows["image_uri"].to_pylist(), split)
     if manifest.packed and not balanced:
         if passes != 1:
-            # Ray reads a file that a list names twice only once: repeat packed data by copying its shards.
+            # Ray reads a file that a list names twice only once: repeat packed data by writing more shards.
             raise ValueError("build_dataset: passes > 1 needs the per-image layout")
         return _packed_dataset(manifest, split, shuffle, _rows_per_block(rows.num_rows)).map_batches(
             transform, batch_size=32, batch_format="numpy")
