@@ -7,8 +7,8 @@ default seed and repeat the same "random" augmentations in every worker.
 Geometry is one resampling step: a crop window (centre, size, angle) in the source image is mapped straight to
 the output square (Pillow's antialiased resize for upright windows, one OpenCV affine warp for turned ones), so a
 600x450 or draft-decoded photo is never rotated or resized twice. After the crop the image is a uint8 array:
-flips and quarter turns are array views, and the colour jitter is a few vectorised float32 passes (Pillow's
-affine warp and ImageEnhance took about 0.8 ms each per 224 px image; this takes about a quarter of that).
+flips and quarter turns are array views, and the colour jitter is a few vectorised float32 passes (per 224 px
+image, the warp takes about 0.2 ms against Pillow's 0.8 ms, the jitter 0.25 ms against ImageEnhance's 0.75 ms).
 """
 
 from __future__ import annotations

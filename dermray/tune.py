@@ -337,8 +337,9 @@ def sweep(config: Config) -> dict:
             ),
             run_config=tune.RunConfig(
                 name=settings.name, storage_path=storage.storage_path_for_ray(storage_root), verbose=1,
-                # PBT copies the checkpoint a trial reports at each perturbation step: keep a few per trial (Train
-                # keeps its own best ones in the trial's run).
+                # Under PBT every epoch's checkpoint is copied into the trial's folder; keep the last few, which
+                # include the one PBT clones (taken at the trial's last perturbation step). Train keeps its own
+                # best ones in the trial's runs.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2 * settings.perturbation_interval + 2)
                 if pbt else None,
             ),
