@@ -213,6 +213,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {
             "epoch": epoch + 1,
             "phase": phase,
+            # Which run trained this epoch: a checkpoint's history then shows a model's lineage (a PBT trial's
+            # model begins with the epochs of the trial whose checkpoint it took over).
+            "run": config.run.name,
             "train_loss": round(train_loss, 5),
             "images_per_s": round(images / max(stats.seconds, 1e-9), 1),
             "lr": optimizer.param_groups[0]["lr"],

@@ -157,7 +157,7 @@ def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints:
     config = config.model_copy(update={"run": config.run.model_copy(update={"name": run_name,
                                                                            "storage": sweep_storage})})
     train_reporting_to_tune(lambda callbacks: train(config, callbacks=callbacks, continue_from=start),
-                            share_checkpoints, {"train_run": run_name})
+                            share_checkpoints)
 
 
 def _lineage(checkpoint) -> tuple[str, int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from ray.train.v2.api.callback import UserCallback
+from ray.train import UserCallback
 
 POLL_S = 1.0
 
@@ -22,28 +22,27 @@ POLL_S = 1.0
 class TuneBridge(UserCallback):
     """The Train-side half: runs in the Train controller, blocks each report until the trial took it."""
 
-    def __init__(self, share_checkpoints: bool, extra_metrics: dict):
+    def __init__(self, share_checkpoints: bool):
         from ray.util.queue import Queue
 
         # Queues are small actors owned by the trial: they go when the trial goes (ASHA stop, PBT pause).
         self.reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
         self.acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
         self.share_checkpoints = share_checkpoints
-        self.extra_metrics = extra_metrics
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         # Every rank reports the same (gathered) validation metrics: rank 0's stand for the run.
-        self.reports.put(({**metrics[0], **self.extra_metrics}, checkpoint if self.share_checkpoints else None))
+        self.reports.put((metrics[0], checkpoint if self.share_checkpoints else None))
         self.acks.get()
 
 
-def train_reporting_to_tune(train: Callable[[list], dict], share_checkpoints: bool, extra_metrics: dict) -> dict:
+def train_reporting_to_tune(train: Callable[[list], dict], share_checkpoints: bool) -> dict:
     """Run ``train(callbacks)`` (a Train run) in a thread of this Tune trial, reporting each of its epochs to Tune
     from here; returns its summary or raises its error."""
     import ray.tune
     from ray.util.queue import Empty
 
-    bridge = TuneBridge(share_checkpoints, extra_metrics)
+    bridge = TuneBridge(share_checkpoints)
     outcome: dict = {}
 
     def target() -> None:

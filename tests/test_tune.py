@@ -176,9 +176,12 @@ def test_population_based_training_continues_the_leading_trials_checkpoint(ray_l
     # Its first exploit took the leader's checkpoint (later ones may go either way: once both descend from the
     # leader, either can lead).
     assert follower["continued"].split("; ")[0].startswith(f"{leader_id}@"), table.to_string()
-    # Its final model descends from the leader: the epoch history begins with the leader's lr-5e-3 epochs
-    # although the follower itself started at 1e-7; it ran in a continuation run; its epoch counter ran on to 4.
+    # Its final model descends from the leader: the epoch history begins with epochs the leader's own run trained
+    # at lr 5e-3 (the follower itself started at 1e-7), it ends in a continuation run of the follower, and the
+    # epoch counter ran on to 4 without restarting.
     state = torch.load(storage.join(follower["checkpoint"], "state.pt"), weights_only=True)
-    assert state["history"][0]["lr"] == pytest.approx(0.005)
+    assert state["history"][0]["run"] == leader_id and state["history"][0]["lr"] == pytest.approx(0.005)
     assert state["config"]["run"]["name"].startswith(f"{follower['trial']}-from-")
+    assert state["history"][-1]["run"] == state["config"]["run"]["name"]
+    assert [entry["epoch"] for entry in state["history"]] == list(range(1, state["epoch"] + 2))
     assert follower["epochs"] == 4 and follower["train_loss"] < 1.3
