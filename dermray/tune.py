@@ -299,6 +299,7 @@ def sweep(config: Config) -> dict:
 
     from dermray.ray_runtime import ensure_ray
     from dermray.trainer import embedded_manifest
+    from dermray.tune_checkpoints import KeepRecentAndPendingCheckpoints
 
     started = time.monotonic()
     config = config.with_absolute_paths()  # trials run in working directories of their own
@@ -337,11 +338,11 @@ def sweep(config: Config) -> dict:
             ),
             run_config=tune.RunConfig(
                 name=settings.name, storage_path=storage.storage_path_for_ray(storage_root), verbose=1,
-                # Under PBT every epoch's checkpoint is copied into the trial's folder; keep the last few, which
-                # include the one PBT clones (taken at the trial's last perturbation step). Train keeps its own
-                # best ones in the trial's runs.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2 * settings.perturbation_interval + 2)
-                if pbt else None,
+                # Under PBT every epoch's checkpoint is copied into the trial's folder. The callback keeps the last
+                # few (including the one PBT clones, taken at the trial's last perturbation step) and every one a
+                # trial will restart from. Tune's own num_to_keep deletes those too (see tune_checkpoints). Train
+                # keeps its own best checkpoints in the trial's runs.
+                callbacks=[KeepRecentAndPendingCheckpoints(keep=settings.perturbation_interval + 2)] if pbt else None,
             ),
         )
     print(f"[dermray] tune: {settings.num_samples} sample(s), {trials_at_once} trial(s) at a time, "

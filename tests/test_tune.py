@@ -20,6 +20,7 @@ from dermray.errors import DermrayError
 from dermray.sources import SourceOptions
 from dermray.stage import stage
 from dermray.tune import _trial_runs, check_space, clip_to_space, concurrency, sweep
+from dermray.tune_checkpoints import KeepRecentAndPendingCheckpoints
 from tests.cluster_helpers import kill_matching
 
 
@@ -112,6 +113,49 @@ def test_a_trials_runs_and_the_checkpoints_it_took_over_come_from_the_run_names(
     assert runs == names[:4]
     # In epoch order; a trial resuming its own checkpoint (after a pause) took nothing over.
     assert taken == ["a1b2c_00001@2", "a1b2c_00001@4"]
+
+
+def test_pbt_checkpoint_retention_counts_a_checkpoint_once_and_keeps_the_ones_trials_will_start_from(tmp_path):
+    """The sequence Tune produces under PBT: the leader reports a checkpoint, PBT saves it again (it leads) and
+    pausing saves it a third time; the follower exploits it and waits for a slot while the leader trains on. Ray's
+    num_to_keep counted the three registrations apart and deleted the folder under the waiting follower (CI, PBT
+    test: "No such file or directory ... checkpoint_000001/state.pt")."""
+    from types import SimpleNamespace
+
+    from ray.tune import Checkpoint
+
+    def saved(name: str) -> Checkpoint:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"weights")
+        return Checkpoint.from_directory(str(tmp_path / name))
+
+    # Tune's Trial as the callback reads it: its id and its latest checkpoint (what its next start loads).
+    leader, follower = SimpleNamespace(trial_id="a_00000", checkpoint=None), SimpleNamespace(trial_id="a_00001",
+                                                                                             checkpoint=None)
+    trials = [leader, follower]
+    retention = KeepRecentAndPendingCheckpoints(keep=2)
+
+    def register(trial, checkpoint):  # what Tune does: callbacks first, then the trial records its latest
+        retention.on_checkpoint(iteration=0, trials=trials, trial=trial, checkpoint=checkpoint)
+        trial.checkpoint = checkpoint
+
+    leader_epochs = [saved(f"leader_{epoch}") for epoch in range(6)]
+    register(leader, leader_epochs[0])
+    for _ in range(3):  # reported, saved by PBT, saved on pause
+        register(leader, leader_epochs[1])
+    follower.checkpoint = leader_epochs[1]  # the exploit step: the follower will start from it
+    for checkpoint in leader_epochs[2:]:
+        register(leader, checkpoint)
+        register(leader, checkpoint)  # every checkpoint saved twice over
+    assert (tmp_path / "leader_1" / "state.pt").exists()  # the follower has not started from it yet
+    assert not (tmp_path / "leader_0").exists() and not (tmp_path / "leader_2").exists()
+    assert not (tmp_path / "leader_3").exists()
+    assert (tmp_path / "leader_4").exists() and (tmp_path / "leader_5").exists()  # the last `keep`
+    # Once the follower has moved on (its own first checkpoint), the leader's next one lets it go.
+    register(follower, saved("follower_2"))
+    register(leader, saved("leader_6"))
+    assert not (tmp_path / "leader_1").exists() and not (tmp_path / "leader_4").exists()
+    assert (tmp_path / "leader_5").exists() and (tmp_path / "follower_2").exists()
 
 
 def test_a_space_key_the_config_lacks_is_one_line():
