@@ -189,7 +189,9 @@ def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
         raise ValueError(f"min_side must be >= 1, got {min_side}")
     img, _ = _open_and_load(data, draft_side=min_side)
     try:
-        img = ImageOps.exif_transpose(img)
+        # In place: otherwise Pillow returns a copy of every photo, even those with nothing to turn (0.85 ms of
+        # the ~9 ms a 600x450 ISIC JPEG takes from bytes to an augmented 224 px crop).
+        ImageOps.exif_transpose(img, in_place=True)
     except _DECODE_ERRORS as error:
         # A damaged EXIF block does not damage the pixels; keep them as stored rather than drop the image.
         log.debug("dermray: ignoring unreadable EXIF orientation (%s)", error)

@@ -47,15 +47,24 @@ class DecodeAndTransform:
     """Keep unreadable rows (a blank image and the reason in an ``error`` column, "" for good rows) instead of
     dropping them: batch prediction reports them rather than losing them."""
 
-    def _load(self, source: str | bytes) -> np.ndarray | str:
-        """``source``: an image URI (per-image layout) or the image's bytes (packed shards)."""
-        # A file deleted or damaged since staging is dropped and logged. Any other storage error (the endpoint
-        # still unreachable after storage's retries) fails the task instead: Ray retries it, and a run that
-        # still fails resumes from its last checkpoint, rather than silently training on fewer images.
+    @staticmethod
+    def _fetch(uri: str) -> bytes | str:
+        """The image's bytes, or the reason it is gone: a file deleted since staging is dropped and logged. Any
+        other storage error (the endpoint still unreachable after storage's retries) fails the task instead: Ray
+        retries it, and a run that still fails resumes from its last checkpoint, rather than silently training
+        on fewer images."""
         try:
-            data = source if isinstance(source, bytes) else storage.read_bytes(source)
+            return storage.read_bytes(uri)
+        except FileNotFoundError as error:
+            return f"{type(error).__name__}: {error}"
+
+    def _decode(self, data: bytes | str) -> np.ndarray | str:
+        """The augmented image, or the reason the row is dropped."""
+        if isinstance(data, str):
+            return data  # the reason the fetch failed
+        try:
             image = decode_rgb(data, min_side=decode_size_hint(self.preset))
-        except (UnreadableImage, FileNotFoundError) as error:
+        except UnreadableImage as error:
             return f"{type(error).__name__}: {error}"
         # Fresh OS entropy per image: Ray worker processes would otherwise repeat the same augmentations.
         rng = np.random.default_rng() if isinstance(self.preset, TrainPreset) else None
@@ -64,8 +73,14 @@ class DecodeAndTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Packed shards carry the bytes in "image"; the per-image layout reads each "image_uri" from storage.
         sources = batch["image"] if "image" in batch else batch["image_uri"]
-        with ThreadPoolExecutor(max(1, min(self.read_threads, len(sources)))) as pool:
-            results = list(pool.map(self._load, sources))
+        if "image" in batch:
+            results = [self._decode(data) for data in sources]
+        else:
+            # Threads only fetch (storage latency); decoding stays in this thread, overlapping the fetches still
+            # in flight, so a task uses the one CPU Ray gave it (Pillow and OpenCV release the GIL: decoding in
+            # the pool ran up to read_threads cores per task, crowding out the trainer's own processes).
+            with ThreadPoolExecutor(max(1, min(self.read_threads, len(sources)))) as pool:
+                results = [self._decode(data) for data in pool.map(self._fetch, sources)]
         size = self.preset.image_size
         if self.keep_failures:
             keep = list(range(len(results)))

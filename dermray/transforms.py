@@ -88,19 +88,22 @@ def _resample_window(
         return np.asarray(img.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box))
     # A turned window is one affine map from output pixels to source pixels, so only out_size**2 samples are
     # computed (the whole photo is never rotated). Bilinear sampling does not antialias, so a window much
-    # larger than the output is first shrunk (antialiased) to about the output's scale.
-    shrink = min(w, h) / out_size
+    # larger than the output is first shrunk by the whole factor nearest its scale, averaging f x f blocks (an
+    # integer OpenCV area resize takes 0.07 ms where Pillow's antialiased resize to the exact scale took 1.5 ms
+    # for a 600x450 photo); the warp then resamples at 0.67x to 1.5x.
+    factor = max(1, round(min(w, h) / out_size))
     m = _margin(w, h, out_size)
     bw, bh = _bbox(w + 2 * m, h + 2 * m, angle)
-    left, top = max(0.0, cx - bw / 2), max(0.0, cy - bh / 2)
-    right, bottom = min(float(img.width), cx + bw / 2), min(float(img.height), cy + bh / 2)
-    kx = ky = 1.0
-    if shrink > 1.25:
-        pw, ph = max(1, round((right - left) / shrink)), max(1, round((bottom - top) / shrink))
-        img = img.resize((pw, ph), Image.Resampling.BILINEAR, box=(left, top, right, bottom))
-        kx, ky = (right - left) / pw, (bottom - top) / ph
-    else:
-        left = top = 0.0
+    pixels = np.asarray(img)
+    left, top = 0, 0
+    if factor > 1:
+        left, top = max(0, math.floor(cx - bw / 2)), max(0, math.floor(cy - bh / 2))
+        right, bottom = min(img.width, math.ceil(cx + bw / 2)), min(img.height, math.ceil(cy + bh / 2))
+        # Whole blocks only (up to factor - 1 pixels of the margin band are left out at the far edges).
+        pw, ph = max(1, (right - left) // factor), max(1, (bottom - top) // factor)
+        pixels = cv2.resize(pixels[top:top + ph * factor, left:left + pw * factor], (pw, ph),
+                            interpolation=cv2.INTER_AREA)
+    kx = ky = float(factor)
     # Output pixel (u, v) -> window offset ((u - S/2) w/S, (v - S/2) h/S) -> turned -> source -> patch.
     phi = -math.radians(angle)
     c, s = math.cos(phi), math.sin(phi)
@@ -112,7 +115,7 @@ def _resample_window(
     # That map is in continuous coordinates (a pixel spans [i, i + 1]); OpenCV's puts pixel centres on integers:
     # output pixel x samples the source at a (x + 0.5) + b (y + 0.5) + off_x - 0.5.
     matrix = np.array([[a, b, (a + b) / 2 + off_x - 0.5], [d, e, (d + e) / 2 + off_y - 0.5]])
-    return cv2.warpAffine(np.asarray(img), matrix, (out_size, out_size),
+    return cv2.warpAffine(pixels, matrix, (out_size, out_size),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
 
 
