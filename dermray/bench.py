@@ -103,11 +103,11 @@ def _passes(images: int, seconds: float, cpus: int) -> int:
     return max(1, math.ceil(seconds * 400 * max(cpus, 1) / max(images, 1)) + 1)
 
 
-def _grow_shards(prefix: str, rows: int) -> None:
+def _grow_shards(prefix: str, rows: int) -> int:
     """Rewrite the packed sample under ``prefix`` as full-size shards (DEFAULT_ROWS_PER_SHARD rows each, the
-    sample's rows repeated) holding about ``rows`` rows in all, so that one dataset streams the sample several
-    times over through the layout real data has: the sample alone packs into one small shard (62 rows for UDA-1),
-    and streaming many copies of it timed Ray's per-file overhead, not the layout's."""
+    sample's rows repeated) holding about ``rows`` rows in all; returns how many. One dataset then streams the
+    sample several times over through the layout real data has: the sample alone packs into one small shard (62
+    rows for UDA-1), and streaming many copies of it timed Ray's per-file overhead, not the layout's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -120,10 +120,12 @@ def _grow_shards(prefix: str, rows: int) -> None:
     buffer = pa.BufferOutputStream()
     pq.write_table(shard, buffer)
     data = buffer.getvalue().to_pybytes()
-    for index in range(max(1, math.ceil(rows / per_shard))):
+    shards = max(1, math.ceil(rows / per_shard))
+    for index in range(shards):
         storage.write_bytes(storage.join(prefix, f"grown-{index:04d}.parquet"), data)
     for uri in originals:
         storage.delete(uri)
+    return shards * per_shard
 
 
 class _ImageFiles:
@@ -212,7 +214,10 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
             packed = Manifest(table, ["x", "y"], "bench", packed=pack_shards(table, scratch, pack_size),
                               packed_size=pack_size)
             results["pack_seconds"] = round(time.perf_counter() - started, 1)
-            _grow_shards(storage.join(packed.packed, "train"), passes * len(uris))
+            grown = _grow_shards(storage.join(packed.packed, "train"), passes * len(uris))
+            # The manifest of that many rows, as staging would write it (the pipeline sizes its blocks by it).
+            packed = Manifest(pa.concat_tables([table] * math.ceil(grown / len(uris))).slice(0, grown),
+                              ["x", "y"], "bench", packed=packed.packed, packed_size=pack_size)
             results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count)
             results["packed_at"] = storage.normalize(scratch)
         finally:
