@@ -168,7 +168,7 @@ def build_dataset(
 def _rows_per_block(rows: int, packed: bool = False) -> int:
     """Rows per decode task: at least 4 blocks per CPU when the split is large enough, so that an epoch's last
     tasks balance out, but at most 512 rows: each task start and object-store round trip costs ~0.1 s on a small
-    machine. On 2 cores, per-image ISIC JPEGs (~5 ms each) ran at 245 img/s in 128-row blocks, 290 in 512-row
+    machine. On 2 cores, per-image ISIC JPEGs (~5 ms each) ran at 245 img/s in 128-row blocks, 275 in 512-row
     ones. Packed images decode in ~2 ms, so their blocks hold at least 256: in 37-row blocks the packed ISIC
     sample ran at 365 img/s, 128 rows 464, 512 rows 739."""
     import ray

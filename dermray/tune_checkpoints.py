@@ -1,9 +1,9 @@
-"""Retention of the checkpoints a PBT sweep hands to Tune: each trial's last few, and every one a trial will start from.
+"""Retention of the checkpoints a PBT sweep hands to Tune: each trial's last few, and any a trial will start from.
 
 Tune's own ``CheckpointConfig(num_to_keep=k)`` cannot be used for this. Tune registers the same checkpoint
 again each time it saves a trial (PBT saves the leading trials at every perturbation step, and pausing a trial
-saves it once more), and Ray 2.60 counts every registration against ``k``. When the oldest registration drops out, its
-folder is deleted even though later registrations of the same checkpoint are still kept. A trial that exploited
+saves it once more), and Ray 2.60 counts every registration against ``k``. When the oldest registration drops
+out, its folder is deleted even though later registrations of the same checkpoint are still kept. A trial that exploited
 that checkpoint and has not restarted yet then fails with "No such file or directory". This callback counts a
 checkpoint once, by path, and never deletes one that a trial's next start would load.
 """
