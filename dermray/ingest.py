@@ -198,7 +198,7 @@ def _packed_dataset(manifest: Manifest, split: str, shuffle: bool, rows_per_bloc
         raise DermrayError(f"manifest names packed shards at {prefix} but there are none (re-stage with --pack)")
     # Rows were shuffled when packed; a new file order every epoch, plus the loop's local shuffle buffer, mixes
     # batches without moving the image bytes around the cluster.
-    ds = ray.data.read_parquet(files, columns=columns, shuffle="files" if shuffle else None)
+    ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None).select_columns(columns)
     # Ray reads a shard (thousands of images) into one block, which one task would decode image by image: a
     # streaming split into smaller blocks spreads the decoding over every CPU. (A repartition into N blocks is a
     # barrier that waits for the whole read: packed reads ran at 0.07x the per-image layout that way.)
