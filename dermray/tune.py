@@ -75,7 +75,9 @@ def clip_to_space(config: dict, bounds: dict[str, tuple[float, float]]) -> dict:
 def _scheduler(settings: TuneSection, epochs: int):
     import functools
 
-    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler
+
+    from dermray.tune_pbt import PopulationBasedTrainingBeforeLastEpoch
 
     if settings.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(settings.grace_period,
@@ -84,8 +86,8 @@ def _scheduler(settings: TuneSection, epochs: int):
         bounds = {key: (d.low, d.high - 1 if d.type == "randint" else d.high)
                   for key, d in settings.space.items() if not d.values}
         # time_attr "epoch" is the model's own epoch counter, which a trial takes over with a checkpoint.
-        return PopulationBasedTraining(
-            time_attr="epoch", perturbation_interval=settings.perturbation_interval,
+        return PopulationBasedTrainingBeforeLastEpoch(
+            last_time=epochs, time_attr="epoch", perturbation_interval=settings.perturbation_interval,
             hyperparam_mutations={"overrides": {key: _mutation(d) for key, d in settings.space.items()}},
             quantile_fraction=settings.quantile_fraction, resample_probability=settings.resample_probability,
             custom_explore_fn=functools.partial(clip_to_space, bounds=bounds),
@@ -188,6 +190,20 @@ def _trial_runs(run_names: list[str], trial_id: str) -> tuple[list[str], list[st
     return runs, [label for _, label in sorted(taken)]
 
 
+TUNE_TRIAL_DIR = "tune-"
+
+
+def _trial_dirname(trial) -> str:
+    """Tune's folder for a trial (its result log and the checkpoints PBT clones), beside the trial's Train runs."""
+    return f"{TUNE_TRIAL_DIR}{trial.trial_id}"
+
+
+def _trial_id(trial_path: str) -> str | None:
+    """The trial a Tune trial folder belongs to (None for a sweep started before folders were named so)."""
+    name = storage.basename(trial_path)
+    return name.removeprefix(TUNE_TRIAL_DIR) if name.startswith(TUNE_TRIAL_DIR) else None
+
+
 def _best_checkpoint(run_uris: list[str], metric: str, mode: str) -> tuple[float, str] | None:
     """(value, URI) of the retained checkpoint with the best ``metric`` among a trial's Train runs (Ray Train's
     snapshots; a PBT trial has one run per checkpoint it continued)."""
@@ -238,7 +254,11 @@ def _results_table(results, config: Config, sweep_dir: str):
         history = _trial_history(result)
         last = result.metrics or {}
         overrides = (result.config or {}).get("overrides", {})
-        trial_id = last.get("trial_id") or storage.basename(result.path)
+        trial_id = _trial_id(result.path) or last.get("trial_id") or storage.basename(result.path)
+        if last.get("trial_id") not in (None, trial_id):
+            # A trial that restarted from another trial's checkpoint and ended before reporting again carries the
+            # result that came with that checkpoint: the other trial's figures, not its own.
+            last = {}
         runs, taken = _trial_runs(run_names, trial_id)
         best_checkpoint = _best_checkpoint([storage.join(sweep_dir, run) for run in runs], metric, mode)
         values = [float(v) for v in (history[metric].dropna() if history is not None and metric in history else [])]
@@ -333,6 +353,7 @@ def sweep(config: Config) -> dict:
             tune_config=tune.TuneConfig(
                 metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
                 scheduler=_scheduler(settings, base["train"]["epochs"]), reuse_actors=False,
+                trial_dirname_creator=_trial_dirname,
                 # The concurrency cap goes on the generator: Tune ignores max_concurrent_trials next to one.
                 search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=trials_at_once),
             ),

@@ -186,19 +186,22 @@ def test_concurrency_follows_the_cluster():
 
 @pytest.mark.slow
 def test_population_based_training_continues_the_leading_trials_checkpoint(ray_local, tmp_path):
-    """Two trials at once under PBT: one learns (lr 5e-3), one cannot (lr 1e-7). At the first perturbation step the
-    trailing trial takes over the leader's checkpoint (weights, optimizer, epoch counter) and goes on with the
-    leader's hyperparameters, explored; ranges stay inside the space."""
+    """Two trials at once under PBT: one learns (lr 5e-3), one cannot (lr 1e-7). At a perturbation step (which one
+    depends on how far apart the two trials run) the trailing trial takes over the leader's checkpoint (weights,
+    optimizer, epoch counter) and goes on with the leader's hyperparameters, explored; ranges stay inside the space.
+    No trial takes over a checkpoint of a finished run: the last epoch is not a perturbation step."""
     manifest = stage("synthetic", SourceOptions(out=str(tmp_path / "data"), images_per_class=40,
                                                 image_size=48))["manifest"]
     config = config_from_dict({
         "data": {"manifest": manifest},
         "model": {"backbone": "small_cnn", "image_size": 32},
-        "train": {"epochs": 4, "batch_size": 16, "schedule": "constant"},
+        # Five epochs, four perturbation steps: trials run at their own pace (asynchronous PBT), and the follower
+        # can only take over a checkpoint the leader saved at a step the follower had already reported at.
+        "train": {"epochs": 5, "batch_size": 16, "schedule": "constant"},
         # Two trials side by side on the 2-CPU test instance: 0.45 CPU per trial's worker, 1 for Ray Data.
         "scaling": {"cpus_per_worker": 0.45},
         "run": {"storage": str(tmp_path / "runs")},
-        # Ranked by training loss: on 24 validation images a 4-epoch model's val metrics are too noisy to say
+        # Ranked by training loss: on 24 validation images a few epochs' val metrics are too noisy to say
         # which trial leads after one epoch; the training loss separates them (about 1.2 against 1.39).
         "tune": {"name": "pbt-sweep", "num_samples": 1, "metric": "train_loss", "mode": "min", "scheduler": "pbt",
                  "perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.0,
@@ -211,7 +214,10 @@ def test_population_based_training_continues_the_leading_trials_checkpoint(ray_l
     assert summary["completed"] == 2 and summary["errors"] == 0, summary
     assert summary["continued_checkpoints"] >= 1, summary
     table = pd.read_csv(summary["results"], dtype={"trial": str}).fillna({"continued": ""})
+    assert table["trial"].is_unique, table.to_string()
     assert table["data.augment.hflip_p"].between(0.3, 0.5).all()  # perturbed by 0.8/1.2, clipped to the space
+    taken_epochs = [int(label.split("@")[1]) for labels in table["continued"] if labels for label in labels.split("; ")]
+    assert max(taken_epochs) < 5, table.to_string()
     # Which trial began at 1e-7: its first Train run (named after the trial) saved the config it started with.
     initial_lr = {trial: load_config(str(tmp_path / "runs" / "pbt-sweep" / trial / "config.yaml")).train.lr
                   for trial in table["trial"]}
@@ -222,10 +228,10 @@ def test_population_based_training_continues_the_leading_trials_checkpoint(ray_l
     assert follower["continued"].split("; ")[0].startswith(f"{leader_id}@"), table.to_string()
     # Its final model descends from the leader: the epoch history begins with epochs the leader's own run trained
     # at lr 5e-3 (the follower itself started at 1e-7), it ends in a continuation run of the follower, and the
-    # epoch counter ran on to 4 without restarting.
+    # epoch counter ran on to 5 without restarting.
     state = torch.load(storage.join(follower["checkpoint"], "state.pt"), weights_only=True)
     assert state["history"][0]["run"] == leader_id and state["history"][0]["lr"] == pytest.approx(0.005)
     assert state["config"]["run"]["name"].startswith(f"{follower['trial']}-from-")
     assert state["history"][-1]["run"] == state["config"]["run"]["name"]
     assert [entry["epoch"] for entry in state["history"]] == list(range(1, state["epoch"] + 2))
-    assert follower["epochs"] == 4 and follower["train_loss"] < 1.3
+    assert follower["epochs"] == 5 and follower["train_loss"] < 1.3
