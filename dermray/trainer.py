@@ -100,7 +100,8 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
 
     started = time.monotonic()
     config = config.with_absolute_paths()
-    ensure_ray()
+    # Everything that can refuse the run (manifest, warm-start checkpoint) is checked before Ray starts: a
+    # mistyped path is a one-line error in the time Python takes to import, not after a cluster start-up.
     manifest_location = config.data.manifest or embedded_manifest(config)
     manifest = read_manifest(manifest_location)
     # Resolve the defaults that depend on the data, so the saved config (and every checkpoint) says what ran.
@@ -116,6 +117,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     augment_preset = train_preset(size, config.data.augment)
     eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)
     balanced = config.train.imbalance == "balanced_sampling"
+    ensure_ray()
     datasets = {
         "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
                                shuffle=True, balanced=balanced, seed=config.train.seed),

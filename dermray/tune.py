@@ -317,6 +317,7 @@ def sweep(config: Config) -> dict:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from dermray.manifest import read_manifest
     from dermray.ray_runtime import ensure_ray
     from dermray.trainer import embedded_manifest
     from dermray.tune_checkpoints import KeepRecentAndPendingCheckpoints
@@ -324,16 +325,18 @@ def sweep(config: Config) -> dict:
     started = time.monotonic()
     config = config.with_absolute_paths()  # trials run in working directories of their own
     settings: TuneSection = config.tune
-    ensure_ray()
+    # A bad space or a missing manifest is refused before Ray starts (and before every trial fails on it).
+    check_space(config.model_dump(mode="json"), settings.space)
     # Stage the embedded data once here, not in every trial at the same time.
     manifest = config.data.manifest or embedded_manifest(config)
+    read_manifest(manifest)
+    ensure_ray()
     trials_at_once, cpus_per_worker = concurrency(config, ray.cluster_resources())
     # Each trial's trainer sizes the images from this manifest's source (64 px for the embedded synthetic set).
     base = config.model_copy(update={
         "data": config.data.model_copy(update={"manifest": manifest}),
         "scaling": config.scaling.model_copy(update={"cpus_per_worker": cpus_per_worker}),
     }).model_dump(mode="json")
-    check_space(base, settings.space)
     storage_root = storage.normalize(config.run.storage)
     sweep_dir = storage.join(storage_root, settings.name)
     pbt = settings.scheduler == "pbt"

@@ -164,6 +164,17 @@ def test_a_space_key_the_config_lacks_is_one_line():
         check_space(config.model_dump(mode="json"), config.tune.space)
 
 
+def test_a_sweep_over_a_missing_manifest_is_refused_before_any_trial(tmp_path):
+    """One line, exit 2, nothing written: before, Ray started and every trial failed on it in turn (53 s)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dermray", "tune", "--set", f"data.manifest={tmp_path}/nothing/manifest.parquet",
+         "--set", f"run.storage={tmp_path}/runs"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("dermray tune: error: manifest not found:")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_dimensions_are_refused():
     with pytest.raises(DermrayError, match="loguniform dimension needs 'low' > 0"):
         config_from_dict({"tune": {"space": {"train.lr": {"type": "loguniform", "low": 0, "high": 1}}}})
