@@ -77,10 +77,23 @@ class MachineMemoryPeak:
         return round(self.peak / 2**30, 2) if self.baseline is not None else None
 
 
-def _timed(batches: Iterable, seconds: float, count: Callable[[object], int]) -> tuple[float, int]:
-    """images/s of iterating ``batches`` for about ``seconds`` (the first batch, a warm-up, not counted)."""
+def _warmup_seconds(seconds: float) -> float:
+    """Uncounted time before each ingest measurement, the same for every path: worker processes start, Ray's
+    shuffle of the row list runs, its start-up actors settle (about 1.3 s of CPU each on 2 cores), and prefetch
+    queues fill. The rates are then the steady state a long training run sees."""
+    return min(5.0, seconds / 4)
+
+
+def _timed(batches: Iterable, seconds: float, count: Callable[[object], int],
+           warmup: float = 0.0) -> tuple[float, int]:
+    """images/s of iterating ``batches`` for about ``seconds``, after the first batch and ``warmup`` seconds
+    more (neither counted)."""
     iterator = iter(batches)
     next(iterator)
+    warm_until = time.perf_counter() + warmup
+    for _ in iterator:
+        if time.perf_counter() >= warm_until:
+            break
     images, started = 0, time.perf_counter()
     for batch in iterator:
         images += count(batch)
@@ -97,10 +110,10 @@ def _repeat(make: Callable[[], Iterable]) -> Iterable:
 
 
 def _passes(images: int, seconds: float, cpus: int) -> int:
-    """Passes over a sample for one pipeline to outlast a measurement (at up to 400 images/s per CPU): the
+    """Passes over a sample for one pipeline to outlast a measurement (at up to 450 images/s per CPU): the
     samples are small (62 and 300 images), and restarting the pipeline after every pass would time its
     start-up, not its throughput (the DataLoader baseline keeps its workers across passes too)."""
-    return max(1, math.ceil(seconds * 400 * max(cpus, 1) / max(images, 1)) + 1)
+    return max(1, math.ceil(seconds * 450 * max(cpus, 1) / max(images, 1)) + 1)
 
 
 def _grow_shards(prefix: str, rows: int) -> int:
@@ -151,7 +164,7 @@ def _dataloader_rate(dataset: _ImageFiles, workers: int, batch_size: int, second
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          persistent_workers=True, prefetch_factor=4)
-    rate, _ = _timed(_repeat(lambda: loader), seconds, lambda batch: len(batch))
+    rate, _ = _timed(_repeat(lambda: loader), seconds, lambda batch: len(batch), _warmup_seconds(seconds))
     return rate
 
 
@@ -185,7 +198,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
     def count(batch) -> int:
         return len(batch["image"])
 
-    passes = _passes(len(uris), seconds, cpus)
+    passes = _passes(len(uris), seconds + _warmup_seconds(seconds), cpus)
 
     def ray_epochs(source: Manifest):
         # Packed samples are repeated by growing their shards (_grow_shards) instead.
@@ -195,7 +208,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
     results: dict = {"images": len(uris), "image_size": image_size, "cpus": cpus, "seconds": seconds}
     print(f"[dermray] bench ingest: {len(uris)} images from {storage.normalize(images)}, {cpus} CPUs, "
           f"{seconds:.0f}s per measurement", file=sys.stderr, flush=True)
-    results["ray_data_images_per_s"], _ = _timed(ray_epochs(manifest), seconds, count)
+    results["ray_data_images_per_s"], _ = _timed(ray_epochs(manifest), seconds, count, _warmup_seconds(seconds))
 
     results["dataloader_images_per_s"] = _dataloader_rate(_ImageFiles(uris, preset), cpus, batch_size, seconds)
 
@@ -218,7 +231,8 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
             # The manifest of that many rows, as staging would write it (the pipeline sizes its blocks by it).
             packed = Manifest(pa.concat_tables([table] * math.ceil(grown / len(uris))).slice(0, grown),
                               ["x", "y"], "bench", packed=packed.packed, packed_size=pack_size)
-            results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count)
+            results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count,
+                                                       _warmup_seconds(seconds))
             results["packed_at"] = storage.normalize(scratch)
         finally:
             storage.delete(local or scratch)
