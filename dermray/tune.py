@@ -373,8 +373,11 @@ def sweep(config: Config) -> dict:
           f"metric {settings.metric} ({settings.mode}), scheduler {settings.scheduler}", file=sys.stderr, flush=True)
     population = settings.num_samples * math.prod(len(d.values) for d in settings.space.values() if d.type == "grid")
     if pbt and population > trials_at_once:
-        print(f"[dermray] tune: PBT with {population} trials and room for {trials_at_once} at a time: trials take "
-              "turns, pausing at each perturbation step (each turn restarts a Train run)", file=sys.stderr, flush=True)
+        # Tune creates a trial only when the generator's concurrency cap lets it, so no trial is pending and PBT
+        # never pauses a running one to give it a turn; a finished trial drops out of PBT's ranking.
+        print(f"[dermray] tune: PBT with {population} trials and room for {trials_at_once} at a time: they run in "
+              f"waves of {trials_at_once}, and a trial can only take over checkpoints of trials running beside it "
+              "(set num_samples so that the population runs at once)", file=sys.stderr, flush=True)
     results = tuner.fit()
 
     table = _results_table(results, config, sweep_dir)
