@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_ROWS_PER_BLOCK = 1024
+MAX_ROWS_PER_BLOCK = 1024  # per-image layout (see _rows_per_block for the measurements)
+MAX_PACKED_ROWS_PER_BLOCK = 512
 
 
 def train_preset(image_size: int, augment: AugmentConfig) -> TrainPreset:
@@ -178,8 +179,9 @@ def _rows_per_block(rows: int, packed: bool = False) -> int:
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    largest = MAX_ROWS_PER_BLOCK // 2 if packed else MAX_ROWS_PER_BLOCK
-    return min(largest, max(256 if packed else 64, rows // (4 * cpus)))
+    if packed:
+        return min(MAX_PACKED_ROWS_PER_BLOCK, max(256, rows // (4 * cpus)))
+    return min(MAX_ROWS_PER_BLOCK, max(64, rows // (4 * cpus)))
 
 
 def _check_images_exist(uris: list[str], split: str, samples: int = 4) -> None:
