@@ -13,12 +13,14 @@ import io
 import json
 import pickle
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dermray import storage
 from dermray.errors import DermrayError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line starts without it
+    import torch
+    from torch import nn
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -26,6 +28,8 @@ META_FILE = "meta.json"
 
 def read_checkpoint_state(checkpoint_uri: str) -> dict:
     """The ``state.pt`` of a checkpoint folder (local or s3://), loaded without unpickling code."""
+    import torch
+
     uri = storage.join(storage.normalize(checkpoint_uri), STATE_FILE)
     if not storage.exists(uri):
         raise DermrayError(f"checkpoint: no {STATE_FILE} in {checkpoint_uri} (pass a checkpoint_* folder of a run)")
@@ -78,6 +82,8 @@ class InferenceModel:
 
 def load_for_inference(checkpoint_uri: str, device: torch.device | str = "cpu") -> InferenceModel:
     """The checkpoint's model in eval mode on ``device`` (channels-last on GPU), its classes and taxonomy."""
+    import torch
+
     from dermray.config import Config
     from dermray.models import build_model
 
