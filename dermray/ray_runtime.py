@@ -20,7 +20,8 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        # Ray's INFO lines about connecting would precede a bad-input error's one line, as they would not locally.
+        ray.init(log_to_driver=True, logging_level="WARNING")
         return
     store = os.environ.get("DERMRAY_OBJECT_STORE_BYTES")
     start_local_ray(object_store_memory=int(store) if store else None)

@@ -16,9 +16,9 @@ from dermray.stage import stage
 from dermray.trainer import train
 
 
-def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dermray", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+                          cwd=cwd, env=env)
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -80,10 +80,10 @@ def test_labels_csv_that_is_not_a_csv(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_only_unreadable_images_is_an_error_with_the_report(tmp_path):
+def test_only_unreadable_images_is_an_error_with_the_report(tmp_path, attached_env):
     (tmp_path / "img" / "mel").mkdir(parents=True)
     (tmp_path / "img" / "mel" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    result = _cli("stage", "folder", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "o"))
+    result = _cli("stage", "folder", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "o"), env=attached_env)
     _assert_one_line_error(result, "no readable, labelled image left", "skipped.csv")
     assert "broken.jpg" in (tmp_path / "o" / "skipped.csv").read_text()
 

@@ -96,10 +96,10 @@ def test_predict_over_a_folder_reports_unreadable_images(isic_checkpoint, tmp_pa
         predict(isic_checkpoint, str(folder), str(tmp_path / "out"))
 
 
-def test_predict_over_a_manifest_on_the_command_line(isic_checkpoint, isic2018_manifest_local, bucket):
+def test_predict_over_a_manifest_on_the_command_line(isic_checkpoint, isic2018_manifest_local, bucket, attached_env):
     result = subprocess.run([sys.executable, "-m", "dermray", "predict", "--checkpoint", isic_checkpoint,
                              "--input", isic2018_manifest_local, "--out", f"s3://{bucket}/predict"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=attached_env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["input_kind"] == "manifest" and summary["images"] == 300 and summary["unreadable"] == 0

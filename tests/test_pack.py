@@ -74,25 +74,25 @@ def test_restaging_without_pack_removes_the_old_shards(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_ingest_and_train_in_tiny_mode(ray_local, tmp_path):
+def test_bench_ingest_and_train_in_tiny_mode(tmp_path, attached_env):
     images = data_path("isic2018-sample", "images")
     result = subprocess.run([sys.executable, "-m", "dermray", "bench", "ingest", "--images", str(images),
                              "--limit", "40", "--image-size", "64", "--seconds", "2", "--pack"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=attached_env)
     assert result.returncode == 0, result.stderr[-3000:]
     ingest = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("ray_data_images_per_s", "dataloader_images_per_s", "single_core_images_per_s",
                 "packed_images_per_s"):
         assert ingest[key] > 0, key
     assert "dermray bench ingest" in result.stderr and ingest["peak_rss_gib"] > 0
-    # The machine-wide peak counts the local Ray instance the command started (its processes and object store).
+    # The machine-wide peak counts the Ray instance the command ran on (its processes and object store).
     assert ingest["peak_memory_gib"] > 0.1
 
     manifest = stage("synthetic", SourceOptions(out=str(tmp_path / "syn"), images_per_class=8,
                                                 image_size=48))["manifest"]
     result = subprocess.run([sys.executable, "-m", "dermray", "bench", "train", "--backbone", "small_cnn",
                              "--image-size", "32", "--manifest", manifest, "--seconds", "2", "--batch-size", "8"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=attached_env)
     assert result.returncode == 0, result.stderr[-3000:]
     train = json.loads(result.stdout.strip().splitlines()[-1])
     assert train["synthetic_images_per_s"] > 0 and train["pipeline_images_per_s"] > 0
@@ -101,11 +101,11 @@ def test_bench_ingest_and_train_in_tiny_mode(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_ingest_from_s3_packs_into_the_same_bucket_and_cleans_up(ray_local, s3_client, bucket):
+def test_bench_ingest_from_s3_packs_into_the_same_bucket_and_cleans_up(s3_client, bucket, attached_env):
     keys = upload_folder(s3_client, bucket, "isic2018", data_path("isic2018-sample", "images"), limit=24)
     result = subprocess.run([sys.executable, "-m", "dermray", "bench", "ingest", "--images", f"s3://{bucket}/isic2018",
                              "--image-size", "64", "--seconds", "2", "--pack", "--pack-to", f"s3://{bucket}/scratch"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=attached_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.stdout.splitlines()) == 1, result.stdout[-3000:]
     ingest = json.loads(result.stdout)

@@ -86,12 +86,13 @@ def _cli(*args, env=None):
                           timeout=300)
 
 
-def test_cli_stage_prints_one_json_line(tmp_path):
+def test_cli_stage_prints_one_json_line(tmp_path, attached_env):
     for cls in ("benign", "malignant"):
         (tmp_path / "img" / cls).mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (32, 32), (i * 30, 60, 90)).save(tmp_path / "img" / cls / f"{i}.jpg")
-    result = _cli("stage", "folder", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out"))
+    result = _cli("stage", "folder", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out"),
+                  env=attached_env)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["images"] == 12 and summary["skipped"] == 0
