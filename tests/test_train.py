@@ -119,16 +119,26 @@ def test_cli_train_missing_manifest_is_one_line(tmp_path):
     assert result.stdout == ""  # no JSON summary on failure
 
 
+@pytest.fixture(scope="module")
+def manifest_sized_run(synthetic_manifest, tmp_path_factory) -> dict:
+    """One epoch of small_cnn with data.manifest filled in and no model.image_size (what tune and nightly hand the
+    trainer); two tests read it."""
+    return train(load_config(None, ["model.backbone=small_cnn", "train.batch_size=16", "train.epochs=1",
+                                    f"data.manifest={synthetic_manifest}",
+                                    f"run.storage={tmp_path_factory.mktemp('sized-runs')}", "run.name=sized"]))
+
+
 @pytest.mark.slow
-def test_warm_start_from_a_checkpoint(synthetic_manifest, tmp_path):
+def test_warm_start_from_a_checkpoint(synthetic_manifest, manifest_sized_run, tmp_path):
     """A new run with model.init_checkpoint starts from that model, head included (the nightly challenger)."""
-    base = SMALL + [f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}", "train.epochs=1"]
-    first = train(load_config(None, base + ["run.name=champion"]))
-    warm = train(load_config(None, base + ["run.name=challenger", "train.lr=1e-9", "train.schedule=constant",
-                                           f"model.init_checkpoint={first['latest_checkpoint']}"]))
+    champion = manifest_sized_run["latest_checkpoint"]
+    warm = train(load_config(None, [
+        "model.backbone=small_cnn", "train.batch_size=16", "train.epochs=1", f"data.manifest={synthetic_manifest}",
+        f"run.storage={tmp_path}", "run.name=challenger", "train.lr=1e-9", "train.schedule=constant",
+        f"model.init_checkpoint={champion}"]))
     assert warm["resumed_from"] is None
-    before, after = _load_state(first["latest_checkpoint"])["model"], _load_state(warm["latest_checkpoint"])["model"]
-    for name in ("conv1.weight", "fc.weight", "fc.bias"):  # backbone and head both carried over
+    before, after = _load_state(champion)["model"], _load_state(warm["latest_checkpoint"])["model"]
+    for name in ("features.0.0.weight", "features.6.3.weight", "fc.weight", "fc.bias"):  # backbone and head
         assert torch.allclose(before[name], after[name], atol=1e-6), name
 
 
@@ -158,12 +168,10 @@ def test_checkpoints_are_ranked_by_the_configured_metric(synthetic_manifest, tmp
 
 
 @pytest.mark.slow
-def test_a_run_sizes_its_images_from_the_manifest_it_reads(synthetic_manifest, tmp_path):
+def test_a_run_sizes_its_images_from_the_manifest_it_reads(manifest_sized_run):
     """With data.manifest filled in and no model.image_size (what tune and nightly hand the trainer), synthetic
     data trains at the embedded 64 px, not at the backbone's 224, and the saved config says so."""
-    summary = train(load_config(None, ["model.backbone=small_cnn", "train.batch_size=16", "train.epochs=1",
-                                       f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}",
-                                       "run.name=sized"]))
+    summary = manifest_sized_run
     saved = load_config(storage.join(summary["run"], "config.yaml"))
     assert saved.model.image_size == 64
     assert _load_state(summary["checkpoint"])["config"]["model"]["image_size"] == 64
