@@ -46,6 +46,15 @@ def test_usage_errors_are_one_line(args, fragment):
     _assert_one_line_error(_cli(*args), fragment)
 
 
+def test_the_command_line_parses_without_importing_torch():
+    """--help and usage errors answer in under a second: torch (2-3 s to import) loads only for commands that use it."""
+    probe = ("import sys; from dermray.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torch', 'torchvision', 'ray.train') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_missing_required_source_option_names_it(tmp_path):
     _assert_one_line_error(_cli("stage", "ham10000", "--out", str(tmp_path / "o")), "--labels is required")
 
