@@ -23,6 +23,7 @@ import re
 import sys
 import textwrap
 import time
+import warnings
 
 from dermray import storage
 from dermray.checkpoint import META_FILE
@@ -378,7 +379,11 @@ def sweep(config: Config) -> dict:
         print(f"[dermray] tune: PBT with {population} trials and room for {trials_at_once} at a time: they run in "
               f"waves of {trials_at_once}, and a trial can only take over checkpoints of trials running beside it "
               "(set num_samples so that the population runs at once)", file=sys.stderr, flush=True)
-    results = tuner.fit()
+    with warnings.catch_warnings():
+        # Tune suggests reuse_actors under PBT. A trial's start-up cost is its Train run's worker group, which a
+        # reused trial actor would not save; a reused one would carry a trial's training thread into the next.
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
+        results = tuner.fit()
 
     table = _results_table(results, config, sweep_dir)
     scored = table.dropna(subset=[settings.metric])
