@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build .carry/ for a GPU machine that has torch and torchvision but no package index (an air-gapped cluster
-# node, or this project's borrowed benchmark machine): Ray and the few packages it lacks as wheels, and a
+# node, or a borrowed benchmark machine): Ray and the few packages it lacks as wheels, and a
 # subset of the real ISIC 2018 sample for dev/gpu_bench.py. Run from the repository root; .carry/ is ignored.
 #
 #   dev/carry_for_gpu.sh [PYTHON_VERSION=3.12] [IMAGES=40]
