@@ -55,8 +55,9 @@ def _registry_files(root: str) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_three_nights_on_s3(ray_local, bucket):
-    # On S3, the harder store (conditional writes, no rename); the same cycle on a local folder runs in
-    # test_killed_between_training_and_promotion, and both registry back-ends are tested in test_registry.py.
+    # On S3, the harder store (conditional writes, no rename). The decisions do not depend on the store; what does
+    # (the registry's lock and compare-and-swap) is tested on both in test_registry.py, and a local nightly run
+    # that trains and promotes is test_killed_between_training_and_promotion's second half.
     root = f"s3://{bucket}/store"
     _add_images(root, seed=1, per_class=16)
 
