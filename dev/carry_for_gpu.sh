@@ -13,6 +13,14 @@ python_version="${1:-3.12}"
 images="${2:-40}"
 data="${DERMRAY_TEST_DATA:-../shared/data}/isic2018-sample"
 carry=.carry
+if [ ! -x .venv/bin/python ]; then
+  echo "carry_for_gpu: no .venv here; install first (README Quick start), its versions are the ones carried" >&2
+  exit 2
+fi
+if [ ! -f "$data/labels.csv" ]; then
+  echo "carry_for_gpu: no $data/labels.csv; set DERMRAY_TEST_DATA to the shared data folder" >&2
+  exit 2
+fi
 rm -rf "$carry" && mkdir -p "$carry/whl" "$carry/isic2018/images"
 
 # The versions this checkout's virtual environment resolved, so the GPU machine runs what the tests ran.

@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--images", default=str(REPO / ".carry" / "isic2018"),
                         help="folder with labels.csv (file, dx) and images/ (default: .carry/isic2018)")
     args = parser.parse_args()
+    images = Path(args.images)
+    if not (images / "labels.csv").is_file():
+        parser.error(f"no {images / 'labels.csv'}: build it with dev/carry_for_gpu.sh, or pass --images")
 
     import ray
     import torch
@@ -51,7 +54,6 @@ def main() -> None:
           f" ray {ray.__version__}, {int(ray.cluster_resources()['CPU'])} CPUs", file=sys.stderr, flush=True)
     started = time.monotonic()
     out = tempfile.mkdtemp(prefix="dermray-gpu-")
-    images = Path(args.images)
     summary = stage("csv", SourceOptions(out=out, images=str(images / "images"), labels=str(images / "labels.csv"),
                                          image_col="file", label_col="dx"))
     print(f"staged {summary['images']} images in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
