@@ -29,6 +29,7 @@ import numpy as np
 from dermray import storage
 from dermray.config import AugmentConfig
 from dermray.errors import DermrayError
+from dermray.listing import list_data_files
 from dermray.sources import IMAGE_EXTENSIONS
 
 
@@ -169,7 +170,7 @@ def _dataloader_rate(dataset: _ImageFiles, workers: int, batch_size: int, second
 
 
 def list_images(images: str, limit: int | None) -> list[str]:
-    uris = [u for u in storage.list_files(images) if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
+    uris = [u for u in list_data_files(images).files if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
     if not uris:
         raise DermrayError(f"bench: no image files under {images}")
     return uris[:limit] if limit else uris

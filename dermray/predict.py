@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from dermray import storage
 from dermray.errors import DermrayError
+from dermray.listing import list_data_files
 from dermray.manifest import MANIFEST_NAME, read_manifest
 from dermray.sources import IMAGE_EXTENSIONS
 from dermray.taxonomy import coarse_probabilities
@@ -37,7 +38,9 @@ def input_rows(input_uri: str) -> tuple[pa.Table, str]:
         return manifest.table.select(["image_uri", "label_name", "split"]), "manifest"
     if not storage.is_dir(uri):
         raise DermrayError(f"predict: --input {input_uri} is neither a manifest nor a folder of images")
-    images = [u for u in storage.list_files(uri) if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
+    # The same listing as staging: system files and folders (__MACOSX, .ipynb_checkpoints...) are not inputs,
+    # and a file reached twice through links is predicted once.
+    images = [u for u in list_data_files(uri).files if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
     if not images:
         raise DermrayError(f"predict: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri}")
     return pa.table({"image_uri": images}), "folder"

@@ -19,6 +19,7 @@ import pandas as pd
 
 from dermray import storage
 from dermray.errors import DermrayError
+from dermray.listing import Listing, list_data_files, list_subfolders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]  # alphabetical, the MedMNIST order too
@@ -40,6 +41,8 @@ class Collected:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image or row id, reason)
     unlisted: list[str] = field(default_factory=list)  # image files that no label row names
     taxonomy: str | None = None
+    listing: Listing | None = None  # what the image folder held besides data (system files, links)
+    folded: dict[str, str] = field(default_factory=dict)  # label spelling variant -> the class it was folded into
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,43 @@ def read_labels_csv(uri: str, required: list[str]) -> pd.DataFrame:
     return frame
 
 
+def spelling_key(value: str) -> str:
+    """What two spellings of one label share: case and spacing folded (``' Mel '``, ``'MEL'`` -> ``'mel'``)."""
+    return " ".join(value.split()).casefold()
+
+
+def fold_spellings(values: list[str], vocabulary: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The labels with every spelling variant replaced by its class name, and the variants that were replaced.
+
+    With a vocabulary (the HAM10000 / ISIC codes, or ``--classes``) a variant becomes the vocabulary entry it
+    spells; a value that spells none is left as it is, for the source to refuse row by row. Without one,
+    variants of one label fold onto their most frequent spelling (ties: the first in sorted order), so one
+    diagnosis never becomes several classes; the caller reports the mapping."""
+    stripped = [v.strip() for v in values]
+    if vocabulary is not None:
+        canonical = {spelling_key(name): name for name in vocabulary}
+    else:
+        counts: dict[str, dict[str, int]] = {}
+        for value in stripped:
+            if value:
+                spellings = counts.setdefault(spelling_key(value), {})
+                spellings[value] = spellings.get(value, 0) + 1
+        canonical = {key: min(spellings, key=lambda s: (-spellings[s], s)) for key, spellings in counts.items()}
+    folded = [canonical.get(spelling_key(v), v) if v else v for v in stripped]
+    variants = {raw: new for raw, new in zip(values, folded) if raw != new and raw.strip() != new}
+    return folded, dict(sorted(variants.items()))
+
+
 class ImageIndex:
-    """Every image file under a folder or prefix, found by relative path or by file stem."""
+    """Every image file under a folder or prefix, found by relative path or by file stem (system files and
+    folders left out, each file once: see ``dermray.listing``)."""
 
     def __init__(self, images: str):
         self.root = storage.normalize(images)
         if not storage.is_dir(self.root):
             raise DermrayError(f"image folder not found or empty: {self.root}")
-        self.files = [u for u in storage.list_files(self.root) if not storage.basename(u).startswith(".")]
+        self.listing = list_data_files(self.root)
+        self.files = self.listing.files
         self.by_relpath = {self._relpath(u): u for u in self.files}
         self.by_stem: dict[str, str] = {}
         for uri in self.files:
@@ -173,11 +205,13 @@ def collect_ham10000(opts: SourceOptions) -> Collected:
     """HAM10000: metadata CSV (lesion_id, image_id, dx, ...) and the image folder; grouped by lesion_id."""
     frame = read_labels_csv(_require(opts.labels, "--labels", "ham10000"), ["lesion_id", "image_id", "dx"])
     index = ImageIndex(_require(opts.images, "--images", "ham10000"))
-    labels = [_checked_label(v, HAM_CLASSES) for v in frame["dx"]]
+    values, folded = fold_spellings(list(frame["dx"]), HAM_CLASSES)
+    labels = [_checked_label(v, HAM_CLASSES) for v in values]
     records, skipped, unlisted = _records_from_rows(
         index, list(frame["image_id"]), labels, list(frame["lesion_id"]), "ham10000"
     )
-    return Collected("ham10000", HAM_CLASSES, records, skipped, unlisted, taxonomy="ham10000")
+    return Collected("ham10000", HAM_CLASSES, records, skipped + _same_file_skips(index.listing), unlisted,
+                     taxonomy="ham10000", listing=index.listing, folded=folded)
 
 
 def _collect_one_hot(opts: SourceOptions, source: str, columns: list[str], taxonomy: str) -> Collected:
@@ -191,7 +225,8 @@ def _collect_one_hot(opts: SourceOptions, source: str, columns: list[str], taxon
     records, skipped, unlisted = _records_from_rows(index, ids, labels, ids, source)
     if taxonomy == "ham10000":  # same class order as HAM10000/DermaMNIST, so models are interchangeable
         classes = HAM_CLASSES
-    return Collected(source, classes, records, skipped, unlisted, taxonomy=taxonomy)
+    return Collected(source, classes, records, skipped + _same_file_skips(index.listing), unlisted,
+                     taxonomy=taxonomy, listing=index.listing)
 
 
 def collect_isic2018(opts: SourceOptions) -> Collected:
@@ -214,31 +249,44 @@ def collect_isic2020(opts: SourceOptions) -> Collected:
     records, skipped, unlisted = _records_from_rows(
         index, list(frame["image_name"]), labels, list(frame["patient_id"]), "isic2020"
     )
-    return Collected("isic2020", ["benign", "malignant"], records, skipped, unlisted, taxonomy="isic2020")
+    return Collected("isic2020", ["benign", "malignant"], records, skipped + _same_file_skips(index.listing),
+                     unlisted, taxonomy="isic2020", listing=index.listing)
+
+
+def _same_file_skips(listing: Listing) -> list[tuple[str, str]]:
+    return [(path, f"the same file as {first} (reached twice through a link): staged once")
+            for path, first in listing.same_file]
 
 
 def collect_folder(opts: SourceOptions) -> Collected:
-    """One sub-folder per class; the folder name is the label."""
+    """One sub-folder per class; the folder name is the label (spellings of one name folded into one class)."""
     root = storage.normalize(_require(opts.images, "--images", "folder"))
-    class_dirs = storage.list_dirs(root)
+    class_dirs, _ = list_subfolders(root)
     if not class_dirs:
         raise DermrayError(f"stage folder: no class sub-folders under {root} (expected <images>/<class>/<file>)")
-    classes = list(opts.classes) if opts.classes else [storage.basename(d) for d in class_dirs]
+    listing = list_data_files(root)
+    # A folder link whose real folder is another class folder is not a class of its own: its files are there.
+    linked = set(listing.links_not_followed)
+    folder_names = [storage.basename(d) for d in class_dirs if storage.basename(d) not in linked]
+    files_by_folder = [(listing.relpath(uri).replace(os.sep, "/").split("/", 1)[0], uri) for uri in listing.files]
+    # Each file votes for its folder's spelling (the fuller folder's name wins); empty folders count once.
+    votes = [folder for folder, _ in files_by_folder if folder in folder_names] + folder_names
+    _, folded = fold_spellings(votes, list(opts.classes) if opts.classes else None)
+    class_of = {name: folded.get(name, name) for name in folder_names}
+    classes = list(opts.classes) if opts.classes else sorted(set(class_of.values()))
     records: list[Record] = []
-    skipped: list[tuple[str, str]] = []
-    for class_dir in class_dirs:
-        name = storage.basename(class_dir)
-        for uri in storage.list_files(class_dir):
-            base = storage.basename(uri)
-            if base.startswith("."):
-                continue
-            if name not in classes:
-                skipped.append((uri, f"folder '{name}' is not in --classes"))
-            elif os.path.splitext(base)[1].lower() not in IMAGE_EXTENSIONS:
-                skipped.append((uri, "not an image file extension"))
-            else:
-                records.append(Record(uri, name, os.path.splitext(base)[0]))
-    return Collected("folder", classes, records, skipped)
+    skipped: list[tuple[str, str]] = _same_file_skips(listing)
+    for folder, uri in files_by_folder:
+        base = storage.basename(uri)
+        if folder not in class_of:
+            skipped.append((uri, "not inside a class sub-folder"))
+        elif class_of[folder] not in classes:
+            skipped.append((uri, f"folder '{folder}' is not in --classes"))
+        elif os.path.splitext(base)[1].lower() not in IMAGE_EXTENSIONS:
+            skipped.append((uri, "not an image file extension"))
+        else:
+            records.append(Record(uri, class_of[folder], os.path.splitext(base)[0]))
+    return Collected("folder", classes, records, skipped, listing=listing, folded=folded)
 
 
 def collect_csv(opts: SourceOptions) -> Collected:
@@ -246,13 +294,14 @@ def collect_csv(opts: SourceOptions) -> Collected:
     required = [opts.image_col, opts.label_col] + ([opts.group_col] if opts.group_col else [])
     frame = read_labels_csv(_require(opts.labels, "--labels", "csv"), required)
     index = ImageIndex(_require(opts.images, "--images", "csv"))
-    values = [v.strip() for v in frame[opts.label_col]]
+    values, folded = fold_spellings(list(frame[opts.label_col]), list(opts.classes) if opts.classes else None)
     classes = list(opts.classes) if opts.classes else sorted({v for v in values if v})
     labels = [_checked_label(v, classes) for v in values]
     ids = list(frame[opts.image_col])
     groups = list(frame[opts.group_col]) if opts.group_col else ids
     records, skipped, unlisted = _records_from_rows(index, ids, labels, groups, "csv")
-    return Collected("csv", classes, records, skipped, unlisted)
+    return Collected("csv", classes, records, skipped + _same_file_skips(index.listing), unlisted,
+                     listing=index.listing, folded=folded)
 
 
 DERMAMNIST_CLASSES = HAM_CLASSES
