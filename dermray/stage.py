@@ -106,6 +106,7 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
     out = storage.normalize(opts.out)
     collected: Collected = SOURCES[source](opts)
     skipped = list(collected.skipped)
+    _report_collection(source, collected)
 
     probes = probe_images([r.image_uri for r in collected.records])
     kept, sizes = [], []
@@ -163,6 +164,8 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
         "images": len(kept),
         "skipped": len(skipped),
         "unlisted": len(collected.unlisted),
+        "ignored": collected.listing.summary() if collected.listing else {},
+        "label_spellings_folded": collected.folded,
         "skipped_reasons": dict(Counter(_reason_kind(reason) for _, reason in skipped)),
         "skipped_report": skipped_uri,
         "classes": collected.classes,
@@ -173,6 +176,22 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
     }
     storage.write_text(storage.join(out, "stage_summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _report_collection(source: str, collected: Collected) -> None:
+    """One stderr line each for what the source left out or folded, so a user sees it before the long part."""
+    ignored = collected.listing.summary() if collected.listing else {}
+    if ignored.get("system_files") or ignored.get("system_folders"):
+        print(f"[dermray] stage {source}: ignored {ignored['system_files']} hidden or system file(s) "
+              f"({ignored['system_folders']} folder(s) such as __MACOSX, .ipynb_checkpoints, @eaDir)",
+              file=sys.stderr, flush=True)
+    if ignored.get("folder_links_not_followed") or ignored.get("same_file_twice"):
+        print(f"[dermray] stage {source}: {ignored['folder_links_not_followed']} folder link(s) not followed "
+              f"(their folder was listed already), {ignored['same_file_twice']} file(s) reached twice staged once",
+              file=sys.stderr, flush=True)
+    if collected.folded:
+        mapping = ", ".join(f"{raw!r} -> {name!r}" for raw, name in collected.folded.items())
+        print(f"[dermray] stage {source}: label spellings folded: {mapping}", file=sys.stderr, flush=True)
 
 
 def _reason_kind(reason: str) -> str:
