@@ -63,3 +63,27 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def debug_enabled() -> bool:
+    """``DERMRAY_DEBUG=1``: tracebacks on stderr, as well as in Ray's logs."""
+    return bool(os.environ.get("DERMRAY_DEBUG"))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def keep_off_console(*prefixes: str) -> None:
+    """In this Ray Train process (a worker or the controller), keep the log records that start with ``prefixes``
+    off the console, which ``log_to_driver`` copies to the user's stderr; Ray Train's own log files still get
+    them. Used for the tracebacks of a failed training function: the command's one-line error says what failed."""
+    for handler in logging.getLogger("ray.train").handlers:
+        # The console handler is a StreamHandler; Ray Train's file handlers are plain Handlers.
+        if isinstance(handler, logging.StreamHandler):
+            handler.addFilter(_DropMessages(prefixes))

@@ -31,7 +31,9 @@ from dermray.engine import (
     set_hyperparameters,
     train_one_epoch,
 )
+from dermray.errors import DermrayError
 from dermray.models import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
+from dermray.ray_runtime import keep_off_console
 
 
 def _phase(epoch: int, config: Config) -> str:
@@ -124,6 +126,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     _quiet_report_logging()
+    if not loop_config.get("debug"):
+        # Ray Train logs a failed training function's traceback to the console as well as to its log files;
+        # the driver's one-line error says what failed (DERMRAY_DEBUG=1 shows the traceback).
+        keep_off_console("Error in training function")
 
     config = Config.model_validate(loop_config["config"])
     classes: list[str] = loop_config["classes"]
@@ -171,7 +177,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return shard.iter_torch_batches(
             batch_size=config.train.batch_size, prefetch_batches=config.data.prefetch_batches,
             dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu", pin_memory=pin,
-            drop_last=training, local_shuffle_buffer_size=4 * config.train.batch_size if training else None,
+            drop_last=training and loop_config.get("drop_last", True),
+            local_shuffle_buffer_size=4 * config.train.batch_size if training else None,
         )
 
     nodes = _worker_nodes()
@@ -207,7 +214,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         images = _sum_over_workers(stats.images, device)
         if images == 0 or len(labels) == 0:
             # Every row was dropped as unreadable (each one logged): there is nothing to learn from or judge by.
-            raise RuntimeError(f"epoch {epoch + 1} read no {'training' if images == 0 else 'validation'} images: "
+            # The input's fault, not the cluster's: a DermrayError, which no failure retry is spent on.
+            raise DermrayError(f"epoch {epoch + 1} read no {'training' if images == 0 else 'validation'} images: "
                                "every one was unreadable (see the 'dermray ingest: skipped' warnings)")
         train_loss = _sum_over_workers(stats.loss * stats.images, device) / max(images, 1)
         metrics = {

@@ -18,6 +18,7 @@ from dermray.config import Config, to_yaml
 from dermray.errors import DermrayError
 from dermray.ingest import build_dataset, train_preset
 from dermray.manifest import Manifest, manifest_uri, read_manifest
+from dermray.models import build_model
 from dermray.taxonomy import melanoma_class, taxonomy_tree
 from dermray.train_loop import train_loop_per_worker
 from dermray.transforms import EvalPreset
@@ -96,7 +97,8 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dermray.ray_runtime import ensure_ray
+    from dermray.ray_runtime import debug_enabled, ensure_ray
+    from dermray.train_callbacks import StopOnInputError
 
     started = time.monotonic()
     config = config.with_absolute_paths()
@@ -106,13 +108,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     manifest = read_manifest(manifest_location)
     # Resolve the defaults that depend on the data, so the saved config (and every checkpoint) says what ran.
     config = config.with_manifest(manifest_uri(manifest_location), manifest.source)
-    untrainable = [name for name, count in manifest.class_counts(config.data.train_split).items() if count == 0]
-    if untrainable:
-        # Not fatal (a class may be declared for the taxonomy or arrive later), but the model cannot learn it.
-        print(f"[dermray] warning: no '{config.data.train_split}' images for class(es) {', '.join(untrainable)}: "
-              "the model cannot learn them", file=sys.stderr, flush=True)
-    if config.model.init_checkpoint:
-        check_warm_start(config.model.init_checkpoint, config.model.backbone, manifest.classes)
+    untrainable = preflight(config, manifest)
     size = config.image_size
     augment_preset = train_preset(size, config.data.augment)
     eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)
@@ -133,6 +129,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
 
     resources, threads = worker_resources(config)
+    train_rows = manifest.split(config.data.train_split).num_rows
     loop_config = {
         "config": config.model_dump(mode="json"),
         "classes": manifest.classes,
@@ -140,9 +137,13 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
         "melanoma_class": melanoma_class(manifest.taxonomy, manifest.classes),
         "class_weights": class_weights(manifest, config.data.train_split)
         if config.train.imbalance == "weighted_loss" else None,
-        "train_rows": manifest.split(config.data.train_split).num_rows,
+        "train_rows": train_rows,
+        # The last partial batch is dropped (a batch of one breaks BatchNorm), unless a pilot collection's
+        # split is smaller than one batch: then that partial batch is all there is to train on.
+        "drop_last": train_rows >= config.train.batch_size * config.scaling.num_workers,
         "torch_threads": threads,
         "continue_from": continue_from,
+        "debug": debug_enabled(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -155,7 +156,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
             name=config.run.name,
             storage_path=storage.storage_path_for_ray(config.run.storage),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnInputError(debug_enabled())],
             # Ray Train's own per-report INFO lines drown the per-epoch progress line; warnings still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -169,12 +170,42 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
+        cause = getattr(error, "controller_failure", None)
+        if isinstance(cause, DermrayError):  # the input's fault, stopped at once by StopOnInputError
+            raise DermrayError(str(cause)) from None
         raise DermrayError(f"training failed: {failure_reason(error)}") from None
     summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location),
                         config.run.checkpoint_score)
     summary["classes_without_training_images"] = untrainable
     storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def preflight(config: Config, manifest: Manifest) -> list[str]:
+    """Refuse, before Ray starts, what would fail only inside the workers (after a cluster start and a model
+    load, minutes on a small machine): empty or too small splits, a weights file that is unsafe or does not fit
+    the backbone, a warm-start checkpoint of another model. Returns the classes with no training image."""
+    counts = {split: manifest.split(split).num_rows for split in (config.data.train_split, config.data.val_split)}
+    for split, rows in counts.items():
+        if rows == 0:
+            present = dict(Counter(manifest.table["split"].to_pylist()))
+            raise DermrayError(f"the manifest has no '{split}' images (it has {present}); stage with a fraction "
+                               "for that split or set data.train_split / data.val_split")
+    workers = config.scaling.num_workers
+    if counts[config.data.train_split] < 2 * workers:
+        raise DermrayError(f"the '{config.data.train_split}' split has {counts[config.data.train_split]} image(s): "
+                           f"too few to train {workers} worker(s) on (at least 2 each)")
+    untrainable = [name for name, count in manifest.class_counts(config.data.train_split).items() if count == 0]
+    if untrainable:
+        # Not fatal (a class may be declared for the taxonomy or arrive later), but the model cannot learn it.
+        print(f"[dermray] warning: no '{config.data.train_split}' images for class(es) {', '.join(untrainable)}: "
+              "the model cannot learn them", file=sys.stderr, flush=True)
+    if config.model.weights:
+        # The workers load the same file the same way; a bad one is refused here in seconds.
+        build_model(config.model.backbone, len(manifest.classes), config.model.weights)
+    if config.model.init_checkpoint:
+        check_warm_start(config.model.init_checkpoint, config.model.backbone, manifest.classes)
+    return untrainable
 
 
 def failure_reason(error: Exception) -> str:

@@ -130,15 +130,83 @@ def test_images_moved_since_staging_fail_before_training(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_whose_every_image_became_unreadable_fails(ray_local, tmp_path):
+def test_a_run_whose_every_image_became_unreadable_fails_once_in_one_line(ray_local, tmp_path, attached_env):
     """Files still there but all damaged: each is skipped with a warning, and the epoch that read nothing fails
-    the run instead of reporting metrics of nothing."""
+    the run instead of reporting metrics of nothing. That is the input's fault: no run.max_failures retry is spent
+    on it (the workers start once), and no worker or controller traceback reaches stderr."""
     _two_class_folder(tmp_path / "img")
     manifest = stage("folder", SourceOptions(out=str(tmp_path / "o"), images=str(tmp_path / "img")))["manifest"]
     for image in (tmp_path / "img").rglob("*.jpg"):
         image.write_bytes(b"\xff\xd8 damaged after staging")
-    with pytest.raises(DermrayError, match="read no training images"):
-        train(load_config(None, [
-            f"data.manifest={manifest}", f"run.storage={tmp_path / 'runs'}", "model.backbone=small_cnn",
-            "model.image_size=32", "train.epochs=1", "train.batch_size=8", "run.max_failures=0",
-        ]))
+    result = _cli("train", "--set", f"data.manifest={manifest}", "--set", f"run.storage={tmp_path / 'runs'}",
+                  "--set", "model.backbone=small_cnn", "--set", "model.image_size=32", "--set", "train.epochs=1",
+                  "--set", "train.batch_size=8", "--set", "run.max_failures=2", env=attached_env)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.splitlines()[-1].startswith("dermray train: error: epoch 1 read no training images")
+    assert result.stderr.count("worker(s) on 1 node(s)") == 1, result.stderr  # started once: no retry
+    assert "Traceback" not in result.stderr and "Error in training function" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_pilot_collection_smaller_than_one_batch_trains(ray_local, tmp_path):
+    """16 training images and the default batch of 32: the partial batch is all there is, so it is trained on
+    (before, it was dropped and the run failed blaming unreadable images)."""
+    _two_class_folder(tmp_path / "img")
+    summary = stage("folder", SourceOptions(out=str(tmp_path / "o"), images=str(tmp_path / "img")))
+    assert summary["splits"]["train"] < 32
+    result = train(load_config(None, [
+        f"data.manifest={summary['manifest']}", f"run.storage={tmp_path / 'runs'}", "model.backbone=small_cnn",
+        "model.image_size=32", "train.epochs=1", "train.batch_size=32",
+    ]))
+    assert result["epochs_completed"] == 1
+
+
+def _manifest_without_staging(out, files: list, splits: list[str], classes: list[str]) -> str:
+    """A manifest written directly (no Ray): for the checks that must refuse a run before Ray starts."""
+    import pyarrow as pa
+
+    from dermray.manifest import Manifest, write_manifest
+
+    n = len(files)
+    table = pa.table({"image_uri": [str(f) for f in files], "label": pa.array([classes.index(f.parent.name)
+                      for f in files], pa.int32()), "label_name": [f.parent.name for f in files],
+                      "group_id": [f.stem for f in files], "split": splits, "source": ["folder"] * n,
+                      "width": pa.array([40] * n, pa.int32()), "height": pa.array([40] * n, pa.int32())})
+    return write_manifest(str(out / "manifest.parquet"), Manifest(table, classes, "folder", None))
+
+
+def test_a_split_too_small_to_train_is_refused_before_ray_starts(tmp_path):
+    files = [tmp_path / "img" / "a" / "a.jpg", tmp_path / "img" / "b" / "b.jpg"]
+    for shade, path in zip((10, 200), files):
+        path.parent.mkdir(parents=True)
+        Image.new("RGB", (40, 40), (shade, 20, 30)).save(path)
+    manifest = _manifest_without_staging(tmp_path / "o", files, ["train", "val"], ["a", "b"])
+    result = _cli("train", "--set", f"data.manifest={manifest}", "--set", f"run.storage={tmp_path / 'runs'}")
+    _assert_one_line_error(result, "'train' split has 1 image(s): too few to train")
+    assert not (tmp_path / "runs").exists()  # refused before Ray started and the run was created
+
+
+@pytest.mark.parametrize("weights", ["other_architecture", "pickled_code"])
+def test_a_bad_weights_file_is_refused_before_ray_starts(tmp_path, weights):
+    """A weights file of another architecture, or one whose unpickling would run code, used to be refused only
+    inside the workers, after the cluster start, then retried run.max_failures times."""
+    import torch
+    import torchvision
+
+    from tests.test_models import _Exploit
+
+    _two_class_folder(tmp_path / "img")
+    path = tmp_path / "weights.pth"
+    marker = tmp_path / "pwned"
+    if weights == "other_architecture":
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+    else:
+        torch.save({"fc.weight": _Exploit(str(marker))}, path)
+    files = sorted((tmp_path / "img").rglob("*.jpg"))
+    manifest = _manifest_without_staging(tmp_path / "o", files, ["train", "val"] * (len(files) // 2),
+                                         ["benign", "malignant"])
+    result = _cli("train", "--set", f"data.manifest={manifest}", "--set", f"run.storage={tmp_path / 'runs'}",
+                  "--set", "model.backbone=resnet50", "--set", f"model.weights={path}", "--set", "run.max_failures=2")
+    fragment = "does not fit the model" if weights == "other_architecture" else "refused: not a plain tensor file"
+    _assert_one_line_error(result, fragment)
+    assert not (tmp_path / "runs").exists() and not marker.exists()
