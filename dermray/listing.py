@@ -40,6 +40,7 @@ class Listing:
     ignored_folders: list[str] = field(default_factory=list)  # relative paths of the folders left out
     links_not_followed: list[str] = field(default_factory=list)  # folder links whose real folder was listed already
     same_file: list[tuple[str, str]] = field(default_factory=list)  # (path left out, path listed): one file
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict)  # file -> (bytes, mtime ns), when asked for
 
     def relpath(self, uri: str) -> str:
         return uri[len(self.root):].lstrip("/").lstrip(os.sep)
@@ -50,23 +51,30 @@ class Listing:
                 "folder_links_not_followed": len(self.links_not_followed), "same_file_twice": len(self.same_file)}
 
 
-def list_data_files(root: str) -> Listing:
-    """Every data file under a local folder or an S3 prefix (see the module docstring for what is left out)."""
+def list_data_files(root: str, with_stats: bool = False) -> Listing:
+    """Every data file under a local folder or an S3 prefix (see the module docstring for what is left out);
+    ``with_stats`` also fills ``stats`` (size and modification time of each file listed)."""
     root = storage.normalize(root)
     if storage.is_s3(root):
-        return _list_prefix(root)
-    return _walk_folder(root)
+        return _list_prefix(root)  # the listing carries sizes and times anyway
+    listing = _walk_folder(root)
+    if with_stats:
+        for path in listing.files:
+            info = os.stat(path)
+            listing.stats[path] = (info.st_size, info.st_mtime_ns)
+    return listing
 
 
 def _list_prefix(root: str) -> Listing:
     # Object storage has no links: only the names decide.
     listing = Listing(root, [])
     ignored_folders: set[str] = set()
-    for uri in storage.list_files(root):
+    for uri, size, mtime in storage.list_file_infos(root):
         parts = listing.relpath(uri).split("/")
         system = [i for i, part in enumerate(parts) if is_system_name(part)]
         if not system:
             listing.files.append(uri)
+            listing.stats[uri] = (size, mtime)
             continue
         listing.ignored_files += 1
         if system[0] < len(parts) - 1:

@@ -29,6 +29,7 @@ from dermray import storage
 from dermray.checkpoint import META_FILE
 from dermray.config import Config, NightlyConfig
 from dermray.errors import DermrayError
+from dermray.listing import list_data_files
 from dermray.manifest import manifest_uri
 from dermray.registry import Registry, utc_stamp
 from dermray.sources import SourceOptions
@@ -45,7 +46,11 @@ def source_fingerprint(cfg: NightlyConfig) -> dict:
     if cfg.source == "synthetic":
         digest.update(f"synthetic:{cfg.synthetic_images_per_class}".encode())
     if cfg.images:
-        for uri, size, mtime in storage.list_file_infos(cfg.images):
+        # The files staging reads, as staging lists them: a Finder's .DS_Store or a NAS thumbnail appearing is
+        # not new data (it would retrain a model for nothing), and a folder link that loops is followed once.
+        listing = list_data_files(cfg.images, with_stats=True)
+        for uri in listing.files:
+            size, mtime = listing.stats[uri]
             digest.update(f"{uri}\0{size}\0{mtime}\n".encode())
             images += 1
     for uri in (cfg.labels, cfg.npz):

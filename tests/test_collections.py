@@ -151,3 +151,23 @@ def test_stage_cli_reports_what_it_ignored_and_folded(tmp_path, attached_env):
                                   "same_file_twice": 0}
     assert summary["label_spellings_folded"] == {"MEL": "mel"}
     assert "ignored 8 hidden or system file(s)" in result.stderr and "'MEL' -> 'mel'" in result.stderr
+
+
+def test_the_nightly_fingerprint_ignores_debris_and_survives_a_link_loop(tmp_path):
+    """A Finder visit writes .DS_Store and a NAS writes @eaDir thumbnails: not new data, so no retraining. A new
+    image is. A folder link that loops is followed once (before, the listing ran to the path length limit)."""
+    from dermray.config import NightlyConfig
+    from dermray.nightly import source_fingerprint
+
+    root = tmp_path / "photos"
+    for i in range(3):
+        jpeg(root / "mel" / f"m{i}.jpg", i)
+    os.symlink("..", root / "mel" / "loop")
+    cfg = NightlyConfig(source="folder", images=str(root))
+    before = source_fingerprint(cfg)
+    assert before["files"] == 3
+    (root / "mel" / ".DS_Store").write_bytes(b"\x00" * 10)
+    jpeg(root / "@eaDir" / "m0.jpg" / "SYNOFILE_THUMB_S.jpg")
+    assert source_fingerprint(cfg) == before
+    jpeg(root / "mel" / "m3.jpg", 3)
+    assert source_fingerprint(cfg)["digest"] != before["digest"]
