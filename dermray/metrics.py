@@ -5,7 +5,16 @@ Conventions, each decided once:
 * The model's decision is the arg-max class. A coarse class's probability is the sum of its children's (Esteva);
   the malignant decision is P(malignant) >= 0.5.
 * Macro one-vs-rest ROC AUC averages the AUC of every class present in the labels (with at least one negative);
-  when every class is present this is scikit-learn's ``roc_auc_score(multi_class="ovr", average="macro")``.
+  when every class is present this is scikit-learn's ``roc_auc_score(multi_class="ovr", average="macro")``, ISIC's
+  official ``macro_average.auc`` (isic-challenge-scoring 5.6) and MedMNIST's ``getAUC`` (both of which fail
+  instead when a class has no case). The melanoma AUC is the melanoma column's binary AUC: ISIC's
+  ``per_category.auc.MEL``.
+* Balanced accuracy follows ISIC's official definition (isic-challenge-scoring's
+  ``balanced_multiclass_accuracy``): the mean, over the classes present in the labels, of each class's recall,
+  where a case whose highest probability is shared by two classes is "undecided" and counts as wrong.
+  scikit-learn's ``balanced_accuracy_score`` of the arg-max differs only there (it picks the first tied class).
+* Accuracy is top-1 (arg-max) accuracy, MedMNIST's ``getACC`` for a multi-class task. ISIC's scorer has no such
+  metric (its per-class "accuracy" is a one-vs-rest accuracy at 0.5).
 * Expected calibration error: 15 equal-width bins of the top-class confidence, weighted by bin size.
 * Confidence intervals: percentile bootstrap over cases (seeded; 200 resamples by default), 95%.
 """
@@ -18,7 +27,6 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     log_loss,
     precision_score,
@@ -41,9 +49,23 @@ def _auc_or_none(positive: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def macro_ovr_auc(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """The mean one-vs-rest AUC over the classes of ``labels`` whose AUC is defined (see the module docstring)."""
     aucs = [_auc_or_none(labels == c, probs[:, c]) for c in np.unique(labels)]
     aucs = [a for a in aucs if a is not None]
     return float(np.mean(aucs)) if aucs else None
+
+
+def official_predicted(probs: np.ndarray) -> np.ndarray:
+    """The arg-max class per case, -1 where the highest probability is shared (ISIC's "undecided")."""
+    top = probs.max(axis=1, keepdims=True)
+    return np.where((probs == top).sum(axis=1) > 1, -1, probs.argmax(axis=1))
+
+
+def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """ISIC's balanced multi-class accuracy: the mean recall over the classes present in ``labels``, an undecided
+    (tied) case never correct. A class absent from the labels has no recall and is left out, as ISIC does."""
+    predicted = official_predicted(probs)
+    return float(np.mean([(predicted[labels == c] == c).mean() for c in np.unique(labels)]))
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, list[float]]:
@@ -111,7 +133,7 @@ def _headline(probs: np.ndarray, labels: np.ndarray, classes: list[str], tree, m
     predicted = probs.argmax(axis=1)
     out: dict[str, float | None] = {
         "accuracy": float(accuracy_score(labels, predicted)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "balanced_accuracy": balanced_accuracy(probs, labels),
         "roc_auc_ovr": macro_ovr_auc(probs, labels),
         "melanoma_auc": None,
         "malignant_auc": None,

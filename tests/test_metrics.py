@@ -102,3 +102,16 @@ def test_taxonomy_trees_and_coarse_sums():
     assert infer_taxonomy(["cat", "dog"]) is None
     assert melanoma_class("isic2020", ["benign", "malignant"]) == "malignant"
     assert taxonomy_tree("isic2019", ["mel", "nv"]) == {"malignant": ["mel"], "benign": ["nv"]}
+
+
+def test_balanced_accuracy_counts_a_tied_top_probability_as_wrong_as_isic_does():
+    # ISIC's balanced_multiclass_accuracy labels a row whose maximum is shared "undecided" (never correct);
+    # scikit-learn's arg-max would credit the first tied class.
+    from dermray.metrics import balanced_accuracy
+
+    probs = np.array([[0.5, 0.5, 0.0], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
+    labels = np.array([0, 1, 2, 0])
+    assert balanced_accuracy_score(labels, probs.argmax(1)) == pytest.approx(1.0)
+    assert balanced_accuracy(probs, labels) == pytest.approx((0.5 + 1 + 1) / 3)
+    m = evaluate_predictions(probs, labels, ["a", "b", "c"], bootstrap=0)
+    assert m["balanced_accuracy"] == pytest.approx(0.5 / 3 + 2 / 3)
