@@ -106,6 +106,7 @@ TRAIN_EPILOG = textwrap.dedent(
                     --set scaling.use_gpu=true
 
     launching again with the same run.name and run.storage resumes from the latest checkpoint.
+    every config key, its default and what it does: docs/config.md.
     """
 )
 

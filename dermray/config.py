@@ -19,7 +19,8 @@ EMBEDDED_IMAGE_SIZE = 64
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Each field's docstring becomes its description: docs/config.md is generated from them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class AugmentConfig(_Strict):
@@ -33,30 +34,42 @@ class AugmentConfig(_Strict):
     rotation_degrees: float = Field(0.0, ge=0.0, le=180.0)
     """Rotation drawn from [-r, r]; 180 means any angle (the Esteva recipe)."""
     hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability of a horizontal flip (dermoscopy has no left or right)."""
     vflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability of a vertical flip (lesions have no up or down either)."""
     rot90_p: float = Field(0.0, ge=0.0, le=1.0)
     """Probability of a quarter, half or three-quarter turn (exact: no resampling)."""
     brightness: float = Field(0.1, ge=0.0, le=1.0)
+    """Colour jitter: brightness factor drawn from [1 - b, 1 + b]."""
     contrast: float = Field(0.1, ge=0.0, le=1.0)
+    """Colour jitter: contrast factor drawn from [1 - c, 1 + c]."""
     saturation: float = Field(0.1, ge=0.0, le=1.0)
+    """Colour jitter: saturation factor drawn from [1 - s, 1 + s]."""
     hue: float = Field(0.0, ge=0.0, le=0.5)
+    """Colour jitter: hue shift drawn from [-h, h] of a full turn (0 keeps the lesion's colour)."""
 
 
 class DataConfig(_Strict):
     manifest: str | None = None
     """Manifest URI written by ``dermray stage``; none means the embedded synthetic dataset (staged once)."""
     train_split: str = "train"
+    """The manifest split trained on."""
     val_split: str = "val"
+    """The manifest split validated on after every epoch (it ranks checkpoints)."""
     resize_ratio: float = Field(0.875, gt=0.0, le=1.0)
     """Eval preset: shorter side resized to image_size / resize_ratio, then centre-cropped."""
     augment: AugmentConfig = AugmentConfig()
+    """Train-time augmentation (the eval preset never augments)."""
     read_threads: int = Field(8, ge=1, le=64)
     """Concurrent object reads inside one Ray Data map task (hides S3 latency)."""
     prefetch_batches: int = Field(2, ge=0, le=64)
+    """Batches each worker keeps decoded ahead of the training step."""
 
 
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
+    """A torchvision backbone (resnet18/50, vgg16, inception_v3, efficientnet_b0, convnext_tiny, mobilenet_v3_small)
+    or small_cnn; its head is replaced for the manifest's classes."""
     image_size: int | None = Field(None, ge=16, le=1024)
     """Input side in pixels; none means the backbone's default (299 for inception_v3, else 224), or 64 px (at least
     the backbone's minimum) for synthetic data, such as the embedded default's. Decided from the manifest read."""
@@ -80,23 +93,30 @@ class TrainConfig(_Strict):
     head_epochs: int = Field(0, ge=0)
     """Phase 1: epochs training only the new head on the frozen backbone (0 skips the phase)."""
     head_lr: float = Field(1e-3, gt=0.0)
+    """Learning rate of phase 1 (the new head only)."""
     lr: float = Field(2e-3, gt=0.0)
     """Learning rate of phase 2 (the whole network fine-tuned), at the start of its schedule."""
     batch_size: int = Field(32, ge=1)
     """Per-worker batch size."""
     optimizer: Literal["adamw", "sgd", "rmsprop"] = "adamw"
+    """adamw, sgd (with momentum) or rmsprop (the Esteva recipe)."""
     weight_decay: float = Field(1e-4, ge=0.0)
+    """Weight decay (decoupled for adamw)."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD and RMSProp momentum."""
     rmsprop_alpha: float = Field(0.9, gt=0.0, lt=1.0)
     """RMSProp decay (Esteva: 0.9)."""
     rmsprop_eps: float = Field(0.1, gt=0.0)
     """RMSProp epsilon (Esteva: 0.1)."""
     schedule: Literal["cosine", "step", "onecycle", "constant"] = "onecycle"
+    """Learning-rate schedule of each phase: cosine decay, step decay (step_epochs, step_gamma), one-cycle, or
+    constant."""
     step_epochs: int = Field(30, ge=1)
     """Step schedule: decay every this many epochs."""
     step_gamma: float = Field(1 / 16, gt=0.0, le=1.0)
     """Step schedule: multiply the lr by this (Esteva: 1/16 every 30 epochs)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Cross-entropy label smoothing (0: off)."""
     imbalance: Literal["weighted_loss", "balanced_sampling", "none"] = "weighted_loss"
     """Class imbalance: inverse-frequency loss weights, or sampling each class equally often."""
     aux_loss_weight: float = Field(0.4, ge=0.0)
@@ -104,6 +124,7 @@ class TrainConfig(_Strict):
     amp: Literal["auto", "bf16", "off"] = "auto"
     """auto: bf16 autocast on GPU, off on CPU."""
     seed: int = 0
+    """Seeds model initialisation, shuffling and augmentation."""
 
     @model_validator(mode="after")
     def _phases_fit(self) -> TrainConfig:
@@ -114,12 +135,17 @@ class TrainConfig(_Strict):
 
 class ScalingConfig(_Strict):
     num_workers: int = Field(1, ge=1)
+    """Ray Train workers (DDP processes): one per GPU on a GPU cluster."""
     use_gpu: bool = False
+    """Give each worker a GPU (bf16 autocast, channels-last, pinned transfers)."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per Train worker (fractional on small CPU machines)."""
     gpus_per_worker: float = Field(1.0, gt=0.0)
+    """GPUs per worker when use_gpu is set."""
     data_cpus: float = Field(1.0, ge=0.0)
     """CPUs kept free for Ray Data's read/decode tasks; workers shrink to fit on small machines (no deadlock)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK fills nodes, SPREAD spreads them over nodes."""
     torch_threads: int | None = Field(None, ge=1)
     """CPU training: intra-op threads per worker (none: the worker's CPU share, at least 1). More than the share
     pays when decoding is light (tiny images) and the model is the bottleneck."""
@@ -134,6 +160,7 @@ class ScalingConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = "default"
+    """The run's folder under run.storage; launching the same name again resumes it."""
     storage: str = "./dermray-store/runs"
     """Where runs, checkpoints and metrics go: a local path or s3://bucket/prefix."""
     max_failures: int = Field(2, ge=-1)
@@ -160,12 +187,19 @@ class NightlyConfig(_Strict):
     images: str | None = None
     """The folder or prefix new images arrive in (watched for new or changed files)."""
     labels: str | None = None
+    """The labels file the source reads (as for dermray stage --labels)."""
     npz: str | None = None
+    """The .npz file of a medmnist source."""
     image_col: str = "image"
+    """csv source: the column naming each image file."""
     label_col: str = "label"
+    """csv source: the column holding each label."""
     group_col: str | None = None
+    """csv source: the column grouping images (lesion or patient) so a group shares a split."""
     classes: list[str] | None = None
+    """The class list, in order (none: the source's own or the labels found)."""
     synthetic_images_per_class: int = Field(150, ge=1)
+    """synthetic source: images drawn per class."""
     dataset: str = "./dermray-store/datasets/nightly"
     """Where the source is re-staged (stable grouped splits: old images keep their split)."""
     registry: str = "./dermray-store/registry"
@@ -175,6 +209,7 @@ class NightlyConfig(_Strict):
     metric: Literal["balanced_accuracy", "accuracy", "roc_auc_ovr", "malignant_auc", "melanoma_auc"] = (
         "balanced_accuracy"
     )
+    """The holdout metric that decides a promotion."""
     margin: float = Field(0.0, ge=0.0)
     """The challenger is promoted only when it beats the champion's metric by at least this much."""
     min_malignant_sensitivity: float = Field(0.0, ge=0.0, le=1.0)
@@ -195,8 +230,11 @@ class SearchDimension(_Strict):
     """One searched hyperparameter of ``tune.space`` (keyed by its dotted config key, e.g. ``train.lr``)."""
 
     type: Literal["loguniform", "uniform", "randint", "choice", "grid"]
+    """How values are drawn: loguniform/uniform/randint between low and high, choice or grid over values."""
     low: float | None = None
+    """Lower bound (loguniform, uniform, randint)."""
     high: float | None = None
+    """Upper bound (loguniform, uniform; exclusive for randint)."""
     values: list[Any] | None = None
     """choice: sampled from; grid: every value is tried (times tune.num_samples)."""
 
@@ -230,18 +268,22 @@ class TuneSection(_Strict):
     """The sweep's folder under run.storage (trials' runs, results table, plot, best config); the same name
     resumes an interrupted sweep."""
     space: dict[str, SearchDimension] = Field(default_factory=_default_space)
+    """Searched config keys (dotted, e.g. train.lr) and how each is drawn."""
     num_samples: int = Field(6, ge=1)
     """Trials drawn from the space (with grid dimensions: repeats of the grid)."""
     metric: str = "val_balanced_accuracy"
     """Any metric a training epoch reports: val_balanced_accuracy, val_accuracy, val_roc_auc, val_loss, ..."""
     mode: Literal["max", "min"] = "max"
+    """Whether tune.metric is best high (max) or low (min)."""
     scheduler: Literal["asha", "pbt", "none"] = "asha"
     """asha: stops trials that trail the others at each rung (after grace_period epochs, then x reduction_factor).
     pbt: population-based training; every perturbation_interval epochs a trial in the bottom quantile_fraction
     continues from the checkpoint of one in the top, with that trial's hyperparameters perturbed (a schedule of
     learning rate and augmentation strengths, not one fixed value). Works best when every trial runs at once."""
     grace_period: int = Field(1, ge=1)
+    """asha: epochs every trial runs before it can be stopped."""
     reduction_factor: float = Field(2.0, gt=1.0)
+    """asha: the rung spacing and the share of trials kept at each (1 in reduction_factor)."""
     perturbation_interval: int = Field(2, ge=1)
     """pbt: epochs between a trial's exploit/explore steps."""
     quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)
@@ -257,12 +299,19 @@ class TuneSection(_Strict):
 
 class Config(_Strict):
     data: DataConfig = DataConfig()
+    """What is read: the manifest, its splits, augmentation."""
     model: ModelConfig = ModelConfig()
+    """The backbone, input size and starting weights."""
     train: TrainConfig = TrainConfig()
+    """Optimisation: epochs, phases, optimizer, schedule, imbalance handling."""
     scaling: ScalingConfig = ScalingConfig()
+    """Ray Train workers and their resources."""
     run: RunConfig = RunConfig()
+    """Where the run is stored, its name, failure retries, checkpoint retention."""
     nightly: NightlyConfig = NightlyConfig()
+    """dermray nightly: the watched source, the registry, the promotion rule."""
     tune: TuneSection = TuneSection()
+    """dermray tune: the search space, scheduler and trials."""
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Config:
@@ -401,3 +450,49 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_text(field) -> str:
+    text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("Literal", "one of ").replace("NoneType", "None")
+
+
+def _default_text(field) -> str:
+    if field.default_factory is not None:
+        return "(see below)" if field.default_factory is _default_space else "[]"
+    return "none" if field.default is None else f"`{field.default}`"
+
+
+def config_reference() -> str:
+    """docs/config.md: every config key with its type, default and description, generated from the models
+    above (``tests/test_config.py`` checks the file is current: run ``python dev/config_reference.py``)."""
+    lines = ["# Config reference", "",
+             "Every key of a dermray config (YAML, or `--set section.key=value`), generated from",
+             "`dermray/config.py` by `python dev/config_reference.py`. The embedded default is these defaults.", ""]
+
+    def section(model: type[BaseModel], prefix: str, intro: str | None) -> None:
+        nested = []
+        about = " ".join((model.__doc__ or intro or "").split())
+        lines.extend([f"## `{prefix}`", "", about, "",
+                      "| key | type | default | description |", "|---|---|---|---|"])
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                nested.append((field.annotation, f"{prefix}.{name}", field.description))
+                lines.append(f"| `{prefix}.{name}` | section | | {field.description} (below) |")
+                continue
+            description = (field.description or "").replace("\n", " ").replace("|", "\\|")
+            kind = _type_text(field).replace("|", "or")
+            lines.append(f"| `{prefix}.{name}` | {kind} | {_default_text(field)} | {description} |")
+        lines.append("")
+        for child, child_prefix, child_intro in nested:
+            section(child, child_prefix, child_intro)
+
+    for name, field in Config.model_fields.items():
+        section(field.annotation, name, field.description)
+    lines.extend(["## `tune.space` entries", "", (SearchDimension.__doc__ or "").strip(), "",
+                  "| field | type | description |", "|---|---|---|"])
+    for name, field in SearchDimension.model_fields.items():
+        lines.append(f"| `{name}` | {_type_text(field).replace('|', 'or')} | {field.description} |")
+    lines.extend(["", "The default space:", "", "```yaml", yaml.safe_dump(
+        {k: v.model_dump(exclude_none=True) for k, v in _default_space().items()}, sort_keys=False).rstrip(), "```"])
+    return "\n".join(lines) + "\n"

@@ -121,3 +121,25 @@ def test_a_tune_space_key_that_is_not_a_config_key_is_refused_when_the_yaml_load
     bad.write_text(f"tune:\n  space:\n    {key}: {{type: uniform, low: 0.1, high: 0.2}}\n")
     with pytest.raises(DermrayError, match=f"tune.space: '{key}' is (not a config key|a config section)"):
         load_config(str(bad))
+
+
+def test_every_config_key_is_described_and_the_reference_is_current():
+    """Each field's docstring is its description (pydantic's use_attribute_docstrings); docs/config.md is generated
+    from them, so a key added without a description, or a stale reference, fails here."""
+    from pydantic import BaseModel
+
+    from dermray.config import SearchDimension, config_reference
+
+    def undescribed(model: type[BaseModel], prefix: str) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(prefix + name)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                missing += undescribed(field.annotation, f"{prefix}{name}.")
+        return missing
+
+    assert undescribed(Config, "") + undescribed(SearchDimension, "tune.space.*.") == []
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    assert reference == config_reference(), "docs/config.md is stale: run python dev/config_reference.py"
+    assert "| `train.lr` | float | `0.002` |" in reference
