@@ -94,6 +94,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     ``<run>/summary.json``). ``callbacks`` are Ray Train callbacks (a Tune sweep passes its report callback);
     ``continue_from`` is a ``ray.train.Checkpoint`` that a new run starts from (weights, optimizer, schedule and
     epoch counter: a population-based trial taking over another's model); the run's own checkpoints win."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -114,6 +115,9 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)
     balanced = config.train.imbalance == "balanced_sampling"
     ensure_ray()
+    # Ray Data's progress bars (with tqdm installed) would redraw from the dataset's split coordinator through
+    # log_to_driver as hundreds of broken lines per epoch; the per-epoch line is training's progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {
         "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
                                shuffle=True, balanced=balanced, seed=config.train.seed),
