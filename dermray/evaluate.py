@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from dermray import __version__, storage
 from dermray.errors import DermrayError
 from dermray.manifest import Manifest, manifest_uri, read_manifest
-from dermray.taxonomy import MALIGNANT
+from dermray.taxonomy import MALIGNANT, IsicFormat, isic_format
 
 HEADLINE_KEYS = ("images", "accuracy", "balanced_accuracy", "roc_auc_ovr", "melanoma_auc", "malignant_auc",
                  "log_loss", "ece")
@@ -120,10 +120,30 @@ def _predictions_table(result: SplitPredictions) -> bytes:
     return buffer.getvalue()
 
 
+def image_id(uri: str) -> str:
+    """The ISIC ``image`` identifier of a row: the file name without its extension (ISIC_0034524)."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def isic_submission(result: SplitPredictions, layout: IsicFormat) -> tuple[str, int]:
+    """The ISIC challenge submission CSV (``image`` + the official probability columns in the official order)
+    and the number of rows left out because they carry no prediction (an image unreadable at inference)."""
+    finite = np.isfinite(result.probs).all(axis=1)
+    lines = [",".join(("image", *layout.columns))]
+    for uri, probs in zip(np.asarray(result.image_uris)[finite], result.probs[finite].astype(np.float64)):
+        # A class the model lacks (ISIC 2019's UNK) is 0, so each row still sums to 1; 9 significant digits keep
+        # float32 softmax outputs exact enough that the official AUCs equal those computed in memory.
+        values = (probs[s] if s is not None else 0.0 for s in layout.sources)
+        lines.append(",".join((image_id(uri), *(f"{v:.9g}" for v in values))))
+    return "\n".join(lines) + "\n", int((~finite).sum())
+
+
 def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | None = None, tta: int = 1,
              bootstrap: int = 200) -> dict:
-    """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet`` and ``report.html`` to ``out``
-    (default: ``<checkpoint>/eval-<split>``); returns the JSON summary with the headline metrics."""
+    """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet``, ``report.html`` and, for the
+    classes of an ISIC challenge, ``isic_submission.csv`` to ``out`` (default: ``<checkpoint>/eval-<split>``);
+    returns the JSON summary with the headline metrics and ``outputs`` (the optional files written)."""
     from dermray.checkpoint import read_checkpoint_meta, read_checkpoint_state
     from dermray.metrics import evaluate_predictions
     from dermray.report import render_report
@@ -142,6 +162,13 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
         storage.write_bytes(storage.join(out, name), png)
     storage.write_bytes(storage.join(out, "predictions.parquet"), _predictions_table(result))
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+    outputs = {}
+    layout = isic_format(result.classes)
+    if layout is not None:
+        csv, no_prediction = isic_submission(result, layout)
+        outputs["isic_submission"] = {
+            "file": storage.write_text(storage.join(out, "isic_submission.csv"), csv), "challenge": layout.challenge,
+            "rows": csv.count("\n") - 1, "unreadable_left_out": result.dropped + no_prediction}
     provenance = {
         "checkpoint": storage.normalize(checkpoint), "manifest": manifest_uri(manifest), "split": split,
         "images evaluated": metrics["images"], "unreadable images (left out)": result.dropped,
@@ -156,8 +183,8 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
     headline = {key: metrics.get(key) for key in HEADLINE_KEYS} | {
         "malignant_sensitivity": malignant.get("sensitivity"), "malignant_specificity": malignant.get("specificity")}
     return {"report": report_uri, "metrics_file": storage.join(out, "metrics.json"), "out": out, "split": split,
-            "tta": tta, "metrics": headline, "confidence_intervals": metrics["confidence_intervals"],
-            "seconds": round(time.monotonic() - started, 1)}
+            "tta": tta, "outputs": outputs, "metrics": headline,
+            "confidence_intervals": metrics["confidence_intervals"], "seconds": round(time.monotonic() - started, 1)}
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -165,7 +192,9 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
 EPILOG = textwrap.dedent(
     """\
     writes to --out (default <checkpoint>/eval-<split>): metrics.json, report.html, roc_per_class.png,
-    roc_malignant.png (with a taxonomy), confusion.png, reliability.png, predictions.parquet.
+    roc_malignant.png (with a taxonomy), confusion.png, reliability.png, predictions.parquet, and
+    isic_submission.csv when the classes are an ISIC challenge's (ISIC 2018 Task 3: the 7 HAM10000 codes; ISIC
+    2019: mel nv bcc ak bkl df vasc scc [unk]): image + the official probability columns, unreadable images left out.
 
     example:
       dermray evaluate --checkpoint ./dermray-store/runs/default/checkpoint_2026-... \\

@@ -7,6 +7,7 @@ restricted to its classes, so evaluation and prediction never depend on the data
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
@@ -51,3 +52,30 @@ def coarse_probabilities(probs: np.ndarray, classes: list[str], tree: dict[str, 
     """{coarse class: P(coarse) per row}, each the sum of its children's probabilities (Esteva's inference)."""
     index = {name: i for i, name in enumerate(classes)}
     return {coarse: probs[:, [index[c] for c in fine if c in index]].sum(axis=1) for coarse, fine in tree.items()}
+
+
+@dataclass(frozen=True)
+class IsicFormat:
+    """An ISIC challenge's submission layout for a model: the official columns in order, and per column the index
+    of the model class it takes its probability from (None: a class the model lacks, written as 0)."""
+
+    challenge: str
+    columns: tuple[str, ...]
+    sources: tuple[int | None, ...]
+
+
+def isic_format(classes: list[str]) -> IsicFormat | None:
+    """The ISIC submission layout whose classes are exactly the model's (optional columns aside), or None.
+
+    Exact, not a subset: a model with a class that has no official column, or missing a required one, cannot make
+    a submission the official scorer would accept."""
+    for family in _families().values():
+        spec = family.get("isic_submission")
+        if not spec:
+            continue
+        mapped = dict(spec["columns"])
+        required = set(mapped.values()) - set(spec.get("optional") or [])
+        if required <= set(classes) <= set(mapped.values()):
+            return IsicFormat(spec["challenge"], tuple(mapped),
+                              tuple(classes.index(c) if c in classes else None for c in mapped.values()))
+    return None
