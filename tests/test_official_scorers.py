@@ -86,8 +86,8 @@ def isic_scorer(tmp_path_factory) -> Path:
 
 def isic_score(scorer: Path, truth: Path, submission: Path) -> dict:
     """The official scorer's JSON output for a classification submission."""
-    result = subprocess.run([str(scorer), "-m", "isic_challenge_scoring", "-o", "json", "classification", str(truth), str(submission)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(scorer), "-m", "isic_challenge_scoring", "-o", "json", "classification",
+                             str(truth), str(submission)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
