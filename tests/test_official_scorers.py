@@ -20,6 +20,7 @@ Each comparison is shown to bite: a perturbed prediction set moves the official 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -212,3 +213,25 @@ def test_medmnist_evaluator_agrees_with_metrics_json(dermamnist_run):
     flipped = y_score.copy()
     flipped[:, [5, 0]] = y_score[:, [0, 5]]  # nv <-> akiec: every nv call becomes wrong
     assert metrics["accuracy"] - getACC(y_true, flipped, "multi-class") > TOLERANCE
+
+
+def test_the_submission_leaves_out_rows_without_a_prediction_and_fills_a_missing_optional_class():
+    from dermray.evaluate import SplitPredictions, isic_submission
+    from dermray.taxonomy import isic_format
+
+    classes = ["ak", "bcc", "bkl", "df", "mel", "nv", "scc", "vasc"]  # ISIC 2019 without UNK, in staging's order
+    probs = np.full((3, 8), 1 / 8, np.float32)
+    probs[1] = np.nan  # what the predictor returns for an image it could not read
+    probs[2] = np.eye(8, dtype=np.float32)[classes.index("scc")]
+    result = SplitPredictions([f"s3://b/img/ISIC_000000{i}.jpg" for i in range(3)], np.zeros(3, int), probs, None,
+                              classes, None, "mel", dropped=2)
+    layout = isic_format(classes)
+    assert layout is not None and layout.challenge == "ISIC 2019"
+    csv, left_out = isic_submission(result, layout)
+    table = pd.read_csv(io.StringIO(csv))
+    assert left_out == 1 and list(table["image"]) == ["ISIC_0000000", "ISIC_0000002"]
+    assert list(table.columns) == ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    assert (table["UNK"] == 0).all() and np.allclose(table.iloc[:, 1:].sum(axis=1), 1.0)
+    assert table.loc[1, "SCC"] == 1.0 and table.loc[1, "MEL"] == 0.0
+    assert isic_format(["benign", "malignant"]) is None  # ISIC 2020's binary target: no per-class submission
+    assert isic_format([*classes, "other"]) is None  # a class with no official column: the scorer would refuse it
