@@ -31,7 +31,7 @@ def test_evaluate_writes_metrics_plots_and_report_to_s3(isic_checkpoint, isic201
     out = f"s3://{bucket}/eval-test"
     summary = evaluate(isic_checkpoint, isic2018_manifest_local, "test", out, bootstrap=50)
     for name in ("metrics.json", "report.html", "roc_per_class.png", "roc_malignant.png", "confusion.png",
-                 "reliability.png", "predictions.parquet"):
+                 "reliability.png", "predictions.parquet", "isic_submission.csv"):
         assert storage.exists(f"{out}/{name}"), name
     for name in ("roc_per_class.png", "roc_malignant.png", "confusion.png", "reliability.png"):
         assert Image.open(io.BytesIO(storage.read_bytes(f"{out}/{name}"))).size[0] > 300
@@ -54,6 +54,7 @@ def test_evaluate_writes_metrics_plots_and_report_to_s3(isic_checkpoint, isic201
     assert report.count("data:image/png;base64,") == 4 and "balanced accuracy" in report
     assert isic_checkpoint in report and "Model configuration" in report
     assert summary["metrics"]["accuracy"] == metrics["accuracy"]
+    assert summary["outputs"]["isic_submission"]["file"] == f"{out}/isic_submission.csv"
 
 
 def test_tta_averages_eight_views(isic_checkpoint, isic2018_manifest_local, tmp_path):
