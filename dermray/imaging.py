@@ -200,3 +200,22 @@ def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
     except _DECODE_ERRORS as error:
         # E.g. LAB or multi-band float modes Pillow cannot convert to RGB.
         raise UnreadableImage(f"unsupported mode {img.mode} ({error})") from None
+
+
+def probe_thumbnail(data: bytes) -> tuple[ImageInfo, Image.Image | None]:
+    """``probe_image``'s check and stored size, plus the decoded picture it made on the way: RGB, upright by its
+    EXIF orientation, at the reduced draft scale (both sides >= 64 px for a JPEG; full size otherwise), or None
+    for a mode with no RGB conversion (``probe_image`` accepts such an image, so this does too).
+
+    One decode serves both the readability check and the perceptual hash of ``dermray.duplicates``, so staging
+    opens and decodes each image once. Raises ``UnreadableImage`` like ``probe_image``."""
+    img, info = _open_and_load(data, draft_side=_PROBE_DRAFT_SIDE)
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except _DECODE_ERRORS as error:
+        log.debug("dermray: ignoring unreadable EXIF orientation (%s)", error)
+    try:
+        return info, to_rgb(img)
+    except _DECODE_ERRORS as error:
+        log.debug("dermray: no RGB picture for mode %s (%s)", img.mode, error)
+        return info, None

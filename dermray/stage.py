@@ -2,7 +2,8 @@
 
 Flow: the source lists labelled image records -> a Ray Data job opens every image (so validation scales out
 with the cluster) -> unreadable files become counted skips -> grouped, stratified, stable splits (keeping the
-previous manifest's assignments) -> ``<out>/manifest.parquet`` and ``<out>/skipped.csv`` written atomically.
+previous manifest's assignments; exact and near-duplicate photos share one group, see ``dermray.duplicates``) ->
+``<out>/manifest.parquet``, ``<out>/skipped.csv`` and ``<out>/duplicates.csv`` written atomically.
 """
 
 from __future__ import annotations
@@ -15,13 +16,26 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from dermray import storage
+from dermray.duplicates import (
+    DUPLICATES_NAME,
+    NEAR_THRESHOLD,
+    NO_PHASH,
+    DuplicateSet,
+    content_hash,
+    find_duplicates,
+    labels_differ,
+    merge_groups,
+    perceptual_hash,
+    write_duplicates,
+)
 from dermray.errors import DermrayError
-from dermray.imaging import UnreadableImage, probe_image
+from dermray.imaging import UnreadableImage, probe_thumbnail
 from dermray.manifest import Manifest, hash_group, manifest_uri, read_manifest, write_manifest
 from dermray.pack import DEFAULT_ROWS_PER_SHARD, pack_shards
 from dermray.sources import SOURCES, Collected, SourceOptions
@@ -32,22 +46,35 @@ SKIPPED_NAME = "skipped.csv"
 PROGRESS_SECONDS = 10.0
 
 
-def _probe_one(uri: str) -> tuple[int, int, str]:
+class Probe(NamedTuple):
+    """What staging learns from opening one image: its stored size, a skip reason ("" when readable), and the
+    hashes duplicate detection needs (see dermray.duplicates; "" when unreadable or, for phash, no RGB picture)."""
+
+    width: int
+    height: int
+    reason: str
+    sha256: str = ""
+    phash: str = ""
+
+
+def _probe_one(uri: str) -> Probe:
     # A file that vanished or may not be read is a counted skip. A storage outage that outlasts storage's retries
     # is not a property of the image: it fails the job (one line), so no image is skipped for a network blip.
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
-        return 0, 0, "file disappeared before it could be read"
+        return Probe(0, 0, "file disappeared before it could be read")
     except PermissionError:
-        return 0, 0, "permission denied"
+        return Probe(0, 0, "permission denied")
     except IsADirectoryError:
-        return 0, 0, "a folder, not a file"
+        return Probe(0, 0, "a folder, not a file")
     try:
-        info = probe_image(data)
+        # The probe's own decode (draft scale) feeds the perceptual hash: no second read or full decode.
+        info, picture = probe_thumbnail(data)
     except UnreadableImage as error:
-        return 0, 0, str(error)
-    return info.width, info.height, ""
+        return Probe(0, 0, str(error))
+    phash = perceptual_hash(picture) if picture is not None else NO_PHASH
+    return Probe(info.width, info.height, "", content_hash(data), phash)
 
 
 def _probe_batch(batch: dict[str, np.ndarray], read_threads: int = 8) -> dict[str, np.ndarray]:
@@ -57,12 +84,14 @@ def _probe_batch(batch: dict[str, np.ndarray], read_threads: int = 8) -> dict[st
         "index": batch["index"],
         "width": np.array([r[0] for r in results], dtype=np.int32),
         "height": np.array([r[1] for r in results], dtype=np.int32),
-        "reason": np.array([r[2] for r in results], dtype=object),
+        "reason": np.array([r.reason for r in results], dtype=object),
+        "sha256": np.array([r.sha256 for r in results], dtype=object),
+        "phash": np.array([r.phash for r in results], dtype=object),
     }
 
 
-def probe_images(uris: list[str]) -> list[tuple[int, int, str]]:
-    """(width, height, skip reason or "") for every image, computed by a Ray Data job."""
+def probe_images(uris: list[str]) -> list[Probe]:
+    """A ``Probe`` (size, skip reason or "", content and perceptual hash) for every image, by a Ray Data job."""
     import ray
 
     from dermray.ray_runtime import ensure_ray
@@ -76,10 +105,11 @@ def probe_images(uris: list[str]) -> list[tuple[int, int, str]]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     blocks = max(1, min(len(items) // 64, max(4 * cpus, math.ceil(len(items) / 1024))))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(_probe_batch, batch_size=64)
-    results: list[tuple[int, int, str]] = [(0, 0, "not probed")] * len(uris)
+    results: list[Probe] = [Probe(0, 0, "not probed")] * len(uris)
     started = last_report = time.monotonic()
     for done, row in enumerate(ds.iter_rows(), start=1):
-        results[int(row["index"])] = (int(row["width"]), int(row["height"]), str(row["reason"]))
+        results[int(row["index"])] = Probe(int(row["width"]), int(row["height"]), str(row["reason"]),
+                                           str(row["sha256"]), str(row["phash"]))
         if time.monotonic() - last_report > PROGRESS_SECONDS:
             last_report = time.monotonic()
             rate = done / (last_report - started)
@@ -109,13 +139,14 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
     _report_collection(source, collected)
 
     probes = probe_images([r.image_uri for r in collected.records])
-    kept, sizes = [], []
-    for record, (width, height, reason) in zip(collected.records, probes):
-        if reason:
-            skipped.append((record.image_uri, reason))
+    kept, sizes, hashes = [], [], []
+    for record, probe in zip(collected.records, probes):
+        if probe.reason:
+            skipped.append((record.image_uri, probe.reason))
         else:
             kept.append(record)
-            sizes.append((width, height))
+            sizes.append((probe.width, probe.height))
+            hashes.append(probe)
     if not kept:
         report_uri = _write_skipped(storage.join(out, SKIPPED_NAME), skipped)
         raise DermrayError(
@@ -124,13 +155,16 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
 
     class_index = {name: i for i, name in enumerate(collected.classes)}
     labels = [class_index[r.label_name] for r in kept]
-    groups = [hash_group(source, r.group) for r in kept]
     uris = [r.image_uri for r in kept]
+    # Copies of one photo under other names (and other lesion ids) share one group, hence one split.
+    duplicate_sets = find_duplicates([h.sha256 for h in hashes], [h.phash for h in hashes])
+    groups = merge_groups([hash_group(source, r.group) for r in kept], duplicate_sets)
     if all(r.split for r in kept):
         splits = [r.split for r in kept]
     else:
         previous, previous_groups = _previous_assignments(out)
         splits = assign_splits(uris, labels, groups, fractions, seed, previous, previous_groups)
+    duplicates = _duplicate_counts(duplicate_sets, [r.label_name for r in kept], splits)
 
     table = pa.table(
         {
@@ -156,6 +190,9 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
         storage.delete(previous_shards)  # superseded by this staging (or by the per-image layout)
     report = skipped + [(u, "image file not named in the labels file (unlisted)") for u in collected.unlisted]
     skipped_uri = _write_skipped(storage.join(out, SKIPPED_NAME), report)
+    duplicates["report"] = write_duplicates(storage.join(out, DUPLICATES_NAME), duplicate_sets, uris,
+                                            [r.label_name for r in kept])
+    _report_duplicates(source, duplicates)
 
     split_counts = Counter(splits)
     summary = {
@@ -171,6 +208,7 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
         "classes": collected.classes,
         "splits": {name: split_counts.get(name, 0) for name in sorted(split_counts)},
         "per_class": {split: manifest.class_counts(split) for split in sorted(split_counts)},
+        "duplicates": duplicates,
         "packed": manifest.packed,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -192,6 +230,29 @@ def _report_collection(source: str, collected: Collected) -> None:
     if collected.folded:
         mapping = ", ".join(f"{raw!r} -> {name!r}" for raw, name in collected.folded.items())
         print(f"[dermray] stage {source}: label spellings folded: {mapping}", file=sys.stderr, flush=True)
+
+
+def _duplicate_counts(sets: list[DuplicateSet], label_names: list[str], splits: list[str]) -> dict:
+    """The summary's duplicate counts. A set whose members ended in two splits is a conflict that only old
+    assignments (or a source's own splits) can cause: old images are never moved, so it is counted instead."""
+    return {
+        "sets": len(sets),
+        "images": sum(len(d.members) for d in sets),
+        "exact_copies": sum(k == "exact" for d in sets for k in d.kinds[1:]),
+        "near_copies": sum(k == "near" for d in sets for k in d.kinds[1:]),
+        "labels_differ": sum(labels_differ(d, label_names) for d in sets),
+        "split_conflicts": sum(len({splits[i] for i in d.members}) > 1 for d in sets),
+        "near_threshold": NEAR_THRESHOLD,
+    }
+
+
+def _report_duplicates(source: str, counts: dict) -> None:
+    """One stderr line when duplicates were found: how many, and the conflicts left for a person to resolve."""
+    if counts["sets"]:
+        print(f"[dermray] stage {source}: {counts['sets']} duplicate set(s) over {counts['images']} images "
+              f"({counts['exact_copies']} exact, {counts['near_copies']} near copies) share a group and a split; "
+              f"{counts['labels_differ']} set(s) with differing labels kept as labelled, "
+              f"{counts['split_conflicts']} split conflict(s) (see {counts['report']})", file=sys.stderr, flush=True)
 
 
 def _reason_kind(reason: str) -> str:
