@@ -59,6 +59,9 @@ def _build_scorer_venv(target: Path) -> None:
         if any(marker in pip.stderr for marker in UNREACHABLE):
             pytest.skip(f"pip cannot install {' '.join(ISIC_SCORER_REQUIREMENTS)}: {reason[0]}")
         raise AssertionError(f"pip install of the ISIC scorer failed:\n{pip.stderr[-3000:]}")
+    if _works(target):  # another test session finished the same venv meanwhile: keep that one
+        shutil.rmtree(building, ignore_errors=True)
+        return
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)  # whole or absent: an interrupted build never looks like a usable cache
 
