@@ -32,6 +32,7 @@ NEAR_THRESHOLD = 34
 HASH_SIZE = 16  # phash of the 16x16 lowest DCT frequencies of a 64x64 grey picture: 256 bits, 64 hex digits
 
 DUPLICATES_NAME = "duplicates.csv"
+FLAT_STD = 2.0  # grey levels; real dermoscopy photos are far above (ham10000-300: see docs/duplicates.md)
 NO_PHASH = ""  # no perceptual hash (an image mode with no RGB picture): only exact matching applies
 _WORDS = HASH_SIZE * HASH_SIZE // 64
 _BLOCK = 256  # rows per block of the all-pairs comparison: 256 x n x 4 uint64 (8 MB per 1,000 images)
@@ -47,9 +48,17 @@ def perceptual_hash(img: Image.Image) -> str:
 
     Stable under JPEG re-encoding and resizing, since it keeps only the signs (against their median) of the
     lowest 16x16 DCT frequencies of a 64x64 grey version. The picture may be a draft-mode thumbnail of 64 px
-    or more: the hash is taken at 64x64 anyway."""
+    or more: the hash is taken at 64x64 anyway.
+
+    A featureless picture (grey standard deviation under ``FLAT_STD`` levels: a blank frame, a solid colour) gets
+    ``NO_PHASH``: its DCT is all zeros past the mean, so every flat picture would share one hash and two blank
+    images of different colours would be "copies". Such images are matched by their bytes only."""
     import imagehash
 
+    grey = np.asarray(img.convert("L").resize((HASH_SIZE * 4, HASH_SIZE * 4), Image.Resampling.LANCZOS),
+                      dtype=np.float32)
+    if float(grey.std()) < FLAT_STD:
+        return NO_PHASH
     return str(imagehash.phash(img, hash_size=HASH_SIZE))
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.duplicates import NEAR_THRESHOLD, find_duplicates, hamming, merge_groups, perceptual_hash
+from dermray.duplicates import NEAR_THRESHOLD, NO_PHASH, find_duplicates, hamming, merge_groups, perceptual_hash
 from dermray.imaging import probe_thumbnail
 from dermray.manifest import read_manifest
 from dermray.sources import SourceOptions
@@ -50,6 +50,13 @@ def test_near_copy_found_and_distinct_lesions_not(ham_photos):
     # Different lesions: no two photos within the threshold.
     sets = find_duplicates([str(i) for i in range(len(hashes))], hashes)
     assert sets == []
+
+
+def test_flat_images_are_not_near_copies_of_each_other():
+    """Solid colours have no perceptual content: two blank frames of different colours are not copies."""
+    blue, red = Image.new("RGB", (64, 48), (40, 60, 200)), Image.new("RGB", (64, 48), (200, 60, 40))
+    assert perceptual_hash(blue) == perceptual_hash(red) == NO_PHASH
+    assert find_duplicates(["a", "b"], [NO_PHASH, NO_PHASH]) == []
 
 
 def test_merge_groups_joins_transitively_and_keeps_untouched_groups():
