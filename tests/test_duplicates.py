@@ -164,3 +164,26 @@ def test_restage_keeps_old_splits_and_counts_the_conflict(tmp_path, ray_local, h
     new = read_manifest(out).table.to_pandas()
     assert (new.set_index("image_uri")["split"] == old.set_index("image_uri")["split"]).all()
     assert second["duplicates"]["sets"] == 1 and second["duplicates"]["split_conflicts"] == 1
+
+
+def test_real_ham10000_photo_filed_under_two_lesion_ids_shares_a_split(tmp_path, ray_local, ham_photos):
+    """HAM10000 itself holds this case: ISIC_0025226 (HAM_0004919) and ISIC_0030074 (HAM_0000140) are one photo,
+    colour-shifted (same hairs and satellite spots; distance 10 of 256 bits). Staged with their real lesion ids
+    next to photos of other lesions, the two lesions become one group."""
+    folder = data_path("ham10000-300")
+    real = pd.read_csv(folder / "labels.csv").set_index("image_id").loc[["ISIC_0025226", "ISIC_0030074"]]
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = [(f"{image_id}.jpg", row["dx"], row["lesion_id"]) for image_id, row in real.iterrows()]
+    for image_id in real.index:
+        shutil.copy(folder / "images" / f"{image_id}.jpg", images / f"{image_id}.jpg")
+    for i, (path, dx) in enumerate(ham_photos[:20]):
+        shutil.copy(path, images / f"other{i}.jpg")
+        rows.append((f"other{i}.jpg", dx, f"L{i}"))
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(rows, columns=["file", "dx", "lesion"]).to_csv(labels, index=False)
+    summary = stage("csv", _options(tmp_path / "out", labels, images))
+    table = read_manifest(summary["manifest"]).table.to_pandas()
+    pair = table[table["image_uri"].str.contains("ISIC_00")]
+    assert len(pair) == 2 and pair["group_id"].nunique() == 1 and pair["split"].nunique() == 1
+    assert summary["duplicates"]["sets"] == 1 and summary["duplicates"]["near_copies"] == 1
