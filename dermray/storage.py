@@ -336,3 +336,78 @@ def list_dirs(uri: str) -> list[str]:
     found = with_retries(lambda: fs.get_file_info(selector), f"list {uri}")
     dirs = [i.path for i in found if i.type == pafs.FileType.Directory]
     return sorted(("s3://" + d) if is_s3(uri) else d for d in dirs)
+
+
+class _RetryingHandler(pafs.FileSystemHandler):
+    """A pyarrow filesystem whose calls retry transient errors like dermray's own (``with_retries``), for the
+    files Ray Train writes itself (checkpoint uploads, run snapshots). An error inside an already open stream is
+    not retried; opening it is."""
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+
+    def __reduce__(self):
+        return _RetryingHandler, (self.fs,)
+
+    def _call(self, name: str, *args, **kwargs):
+        return with_retries(lambda: getattr(self.fs, name)(*args, **kwargs), f"{name} {args[0] if args else ''}")
+
+    def get_type_name(self):
+        return "dermray-retrying-" + self.fs.type_name
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def equals(self, other):
+        return isinstance(other, _RetryingHandler) and self.fs.equals(other.fs)
+
+    def get_file_info(self, paths):
+        return self._call("get_file_info", paths)
+
+    def get_file_info_selector(self, selector):
+        return self._call("get_file_info", selector)
+
+    def create_dir(self, path, recursive):
+        return self._call("create_dir", path, recursive=recursive)
+
+    def delete_dir(self, path):
+        return self._call("delete_dir", path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        return self._call("delete_dir_contents", path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        return self._call("delete_dir_contents", "/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        return self._call("delete_file", path)
+
+    def move(self, src, dest):
+        return self._call("move", src, dest)
+
+    def copy_file(self, src, dest):
+        return self._call("copy_file", src, dest)
+
+    def open_input_stream(self, path):
+        return self._call("open_input_stream", path)
+
+    def open_input_file(self, path):
+        return self._call("open_input_file", path)
+
+    def open_output_stream(self, path, metadata):
+        return self._call("open_output_stream", path, compression=None, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self._call("open_append_stream", path, compression=None, metadata=metadata)
+
+
+def train_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``. For S3: ``bucket/prefix`` (no scheme,
+    as Ray wants beside an explicit filesystem) and the S3 filesystem of the same AWS_* variables as every other
+    storage call, wrapped so that a transient error retries (a short outage during a checkpoint upload then costs
+    no failure slot). A local path: itself and None (Ray's own local filesystem)."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        return uri, None
+    fs, path = resolve(uri)
+    return path, pafs.PyFileSystem(_RetryingHandler(fs))

@@ -158,7 +158,8 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
         ),
         run_config=ray.train.RunConfig(
             name=config.run.name,
-            storage_path=storage.storage_path_for_ray(config.run.storage),
+            # S3 through a retrying filesystem: a short outage during a checkpoint upload costs no failure slot.
+            **dict(zip(("storage_path", "storage_filesystem"), storage.train_storage(config.run.storage))),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             callbacks=[*(callbacks or []), StopOnInputError(debug_enabled())],
             # Ray Train's own per-report INFO lines drown the per-epoch progress line; warnings still show.
