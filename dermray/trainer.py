@@ -133,6 +133,8 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
 
     resources, threads = worker_resources(config)
+    # S3 through a retrying filesystem: a short outage during a checkpoint upload costs no failure slot.
+    storage_path, storage_filesystem = storage.train_storage(config.run.storage)
     train_rows = manifest.split(config.data.train_split).num_rows
     loop_config = {
         "config": config.model_dump(mode="json"),
@@ -158,8 +160,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
         ),
         run_config=ray.train.RunConfig(
             name=config.run.name,
-            # S3 through a retrying filesystem: a short outage during a checkpoint upload costs no failure slot.
-            **dict(zip(("storage_path", "storage_filesystem"), storage.train_storage(config.run.storage))),
+            storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             callbacks=[*(callbacks or []), StopOnInputError(debug_enabled())],
             # Ray Train's own per-report INFO lines drown the per-epoch progress line; warnings still show.
