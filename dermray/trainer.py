@@ -115,9 +115,10 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)
     balanced = config.train.imbalance == "balanced_sampling"
     ensure_ray()
-    # Ray Data's progress bars (with tqdm installed) would redraw from the dataset's split coordinator through
-    # log_to_driver as hundreds of broken lines per epoch; the per-epoch line is training's progress.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # With tqdm installed, Ray Data draws its progress bars from the datasets' split coordinators (Ray workers)
+    # through log_to_driver: hundreds of broken lines per epoch. Without Ray's tqdm it logs progress at INFO
+    # instead, below RAY_DATA_LOG_LEVEL's WARNING; the per-epoch line is training's progress.
+    ray.data.DataContext.get_current().use_ray_tqdm = False
     datasets = {
         "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
                                shuffle=True, balanced=balanced, seed=config.train.seed),
