@@ -313,20 +313,6 @@ class Config(_Strict):
     tune: TuneSection = TuneSection()
     """dermray tune: the search space, scheduler and trials."""
 
-    @model_validator(mode="after")
-    def _space_keys_exist(self) -> Config:
-        # Each trial sets these keys on its config: a misspelt one would fail every trial, minutes into a sweep.
-        for key in self.tune.space:
-            section: Any = self
-            for part in key.split("."):
-                if not isinstance(section, BaseModel) or part not in type(section).model_fields:
-                    raise ValueError(f"tune.space: '{key}' is not a config key (e.g. train.lr, data.augment.vflip_p)")
-                section = getattr(section, part)
-            if isinstance(section, BaseModel):
-                example = next(iter(type(section).model_fields))
-                raise ValueError(f"tune.space: '{key}' is a config section, not a key (e.g. {key}.{example})")
-        return self
-
     @property
     def image_size(self) -> int:
         """The input size before the data is read: a config without a manifest trains on the embedded synthetic
