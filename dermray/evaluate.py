@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import textwrap
 import time
@@ -122,8 +123,7 @@ def _predictions_table(result: SplitPredictions) -> bytes:
 
 def image_id(uri: str) -> str:
     """The ISIC ``image`` identifier of a row: the file name without its extension (ISIC_0034524)."""
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    return name.rsplit(".", 1)[0] if "." in name else name
+    return os.path.splitext(storage.basename(uri))[0]
 
 
 def isic_submission(result: SplitPredictions, layout: IsicFormat) -> tuple[str, int]:

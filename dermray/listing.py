@@ -122,9 +122,6 @@ def _walk_folder(root: str) -> Listing:
     return listing
 
 
-def list_subfolders(root: str) -> tuple[list[str], list[str]]:
-    """The immediate sub-folders of a folder or prefix that may hold data, and the names of those left out."""
-    kept, left_out = [], []
-    for uri in storage.list_dirs(root):
-        (left_out if is_system_name(storage.basename(uri)) else kept).append(uri)
-    return kept, [storage.basename(u) for u in left_out]
+def list_subfolders(root: str) -> list[str]:
+    """The immediate sub-folders of a folder or prefix that may hold data (system folders left out)."""
+    return [uri for uri in storage.list_dirs(root) if not is_system_name(storage.basename(uri))]

@@ -42,6 +42,7 @@ class Collected:
     unlisted: list[str] = field(default_factory=list)  # image files that no label row names
     taxonomy: str | None = None
     listing: Listing | None = None  # what the image folder held besides data (system files, links)
+    may_hold_copies: bool = True  # False for generated images, distinct by construction: no duplicate search
     folded: dict[str, str] = field(default_factory=dict)  # label spelling variant -> the class it was folded into
 
 
@@ -126,15 +127,12 @@ class ImageIndex:
             raise DermrayError(f"image folder not found or empty: {self.root}")
         self.listing = list_data_files(self.root)
         self.files = self.listing.files
-        self.by_relpath = {self._relpath(u): u for u in self.files}
+        self.by_relpath = {self.listing.relpath(u): u for u in self.files}
         self.by_stem: dict[str, str] = {}
         for uri in self.files:
             stem, ext = os.path.splitext(storage.basename(uri))
             if ext.lower() in IMAGE_EXTENSIONS:
                 self.by_stem.setdefault(stem, uri)
-
-    def _relpath(self, uri: str) -> str:
-        return uri[len(self.root) :].lstrip("/").lstrip(os.sep)
 
     def find(self, name: str) -> str | None:
         name = name.strip()
@@ -144,9 +142,10 @@ class ImageIndex:
 def _records_from_rows(
     index: ImageIndex, ids: list[str], labels: list[str | None], groups: list[str], source: str
 ) -> tuple[list[Record], list[tuple[str, str]], list[str]]:
-    """Join label rows to files: duplicates, absent files and unlabelled rows become counted skips."""
+    """Join label rows to files: duplicates, absent files and unlabelled rows become counted skips, as do the
+    second paths of files the listing reached twice."""
     records: list[Record] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = _same_file_skips(index.listing)
     seen: set[str] = set()
     used: set[str] = set()
     for image_id, label, group in zip(ids, labels, groups):
@@ -210,8 +209,8 @@ def collect_ham10000(opts: SourceOptions) -> Collected:
     records, skipped, unlisted = _records_from_rows(
         index, list(frame["image_id"]), labels, list(frame["lesion_id"]), "ham10000"
     )
-    return Collected("ham10000", HAM_CLASSES, records, skipped + _same_file_skips(index.listing), unlisted,
-                     taxonomy="ham10000", listing=index.listing, folded=folded)
+    return Collected("ham10000", HAM_CLASSES, records, skipped, unlisted, taxonomy="ham10000",
+                     listing=index.listing, folded=folded)
 
 
 def _collect_one_hot(opts: SourceOptions, source: str, columns: list[str], taxonomy: str) -> Collected:
@@ -225,8 +224,7 @@ def _collect_one_hot(opts: SourceOptions, source: str, columns: list[str], taxon
     records, skipped, unlisted = _records_from_rows(index, ids, labels, ids, source)
     if taxonomy == "ham10000":  # same class order as HAM10000/DermaMNIST, so models are interchangeable
         classes = HAM_CLASSES
-    return Collected(source, classes, records, skipped + _same_file_skips(index.listing), unlisted,
-                     taxonomy=taxonomy, listing=index.listing)
+    return Collected(source, classes, records, skipped, unlisted, taxonomy=taxonomy, listing=index.listing)
 
 
 def collect_isic2018(opts: SourceOptions) -> Collected:
@@ -249,8 +247,8 @@ def collect_isic2020(opts: SourceOptions) -> Collected:
     records, skipped, unlisted = _records_from_rows(
         index, list(frame["image_name"]), labels, list(frame["patient_id"]), "isic2020"
     )
-    return Collected("isic2020", ["benign", "malignant"], records, skipped + _same_file_skips(index.listing),
-                     unlisted, taxonomy="isic2020", listing=index.listing)
+    return Collected("isic2020", ["benign", "malignant"], records, skipped, unlisted, taxonomy="isic2020",
+                     listing=index.listing)
 
 
 def _same_file_skips(listing: Listing) -> list[tuple[str, str]]:
@@ -261,7 +259,7 @@ def _same_file_skips(listing: Listing) -> list[tuple[str, str]]:
 def collect_folder(opts: SourceOptions) -> Collected:
     """One sub-folder per class; the folder name is the label (spellings of one name folded into one class)."""
     root = storage.normalize(_require(opts.images, "--images", "folder"))
-    class_dirs, _ = list_subfolders(root)
+    class_dirs = list_subfolders(root)
     if not class_dirs:
         raise DermrayError(f"stage folder: no class sub-folders under {root} (expected <images>/<class>/<file>)")
     listing = list_data_files(root)
@@ -300,8 +298,7 @@ def collect_csv(opts: SourceOptions) -> Collected:
     ids = list(frame[opts.image_col])
     groups = list(frame[opts.group_col]) if opts.group_col else ids
     records, skipped, unlisted = _records_from_rows(index, ids, labels, groups, "csv")
-    return Collected("csv", classes, records, skipped + _same_file_skips(index.listing), unlisted,
-                     listing=index.listing, folded=folded)
+    return Collected("csv", classes, records, skipped, unlisted, listing=index.listing, folded=folded)
 
 
 DERMAMNIST_CLASSES = HAM_CLASSES
@@ -356,7 +353,10 @@ def collect_synthetic(opts: SourceOptions) -> Collected:
     images_root = storage.join(storage.normalize(opts.out), "images")
     rows = synthetic.generate(images_root, opts.images_per_class, opts.image_size, opts.seed)
     records = [Record(uri, label, group) for uri, label, group in rows]
-    return Collected("synthetic", list(synthetic.SYNTHETIC_CLASSES), records, taxonomy="synthetic")
+    # Generated lesions are distinct by construction: the few smooth ones a perceptual hash confuses (4 near
+    # matches in the embedded default's 600, one across labels) are the hash's false positives, not copies.
+    return Collected("synthetic", list(synthetic.SYNTHETIC_CLASSES), records, taxonomy="synthetic",
+                     may_hold_copies=False)
 
 
 SOURCES: dict[str, Callable[[SourceOptions], Collected]] = {

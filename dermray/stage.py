@@ -156,11 +156,9 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
     class_index = {name: i for i, name in enumerate(collected.classes)}
     labels = [class_index[r.label_name] for r in kept]
     uris = [r.image_uri for r in kept]
-    # Copies of one photo under other names (and other lesion ids) share one group, hence one split. Generated
-    # lesions are distinct by construction: the few smooth ones a perceptual hash confuses (4 near matches in the
-    # embedded default's 600, one across labels) are the hash's false positives, not copies to report.
-    duplicate_sets = [] if source == "synthetic" else find_duplicates([h.sha256 for h in hashes],
-                                                                      [h.phash for h in hashes])
+    # Copies of one photo under other names (and other lesion ids) share one group, hence one split.
+    duplicate_sets = (find_duplicates([p.sha256 for p in hashes], [p.phash for p in hashes])
+                      if collected.may_hold_copies else [])
     groups = merge_groups([hash_group(source, r.group) for r in kept], duplicate_sets)
     if all(r.split for r in kept):
         splits = [r.split for r in kept]
