@@ -219,7 +219,7 @@ class NightlyConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_source(self) -> NightlyConfig:
-        from dermray.sources import SOURCES
+        from dermray.data.sources import SOURCES
 
         if self.source not in SOURCES:
             raise ValueError(f"nightly.source: unknown source '{self.source}'; choose one of: {', '.join(SOURCES)}")
@@ -322,7 +322,7 @@ class Config(_Strict):
     def image_size_for(self, source: str | None) -> int:
         """model.image_size when set; else 64 px for synthetic lesions (drawn at 96 px, so larger inputs only cost
         time; at least the backbone's minimum), else the backbone's own size (299 for inception_v3, else 224)."""
-        from dermray.models import BACKBONES
+        from dermray.models.backbones import BACKBONES
 
         if self.model.image_size is not None:
             return self.model.image_size
@@ -356,7 +356,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _known_backbone(self) -> Config:
-        from dermray.models import BACKBONES
+        from dermray.models.backbones import BACKBONES
 
         if self.model.backbone not in BACKBONES:
             raise ValueError(

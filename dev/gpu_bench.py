@@ -44,9 +44,9 @@ def main() -> None:
     import ray
     import torch
 
-    from dermray.bench import bench_train
-    from dermray.sources import SourceOptions
-    from dermray.stage import stage
+    from dermray.data.bench import bench_train
+    from dermray.data.sources import SourceOptions
+    from dermray.data.stage import stage
 
     ray.init(include_dashboard=False, logging_level="WARNING")
     print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}"

@@ -2,7 +2,7 @@
 
     .venv/bin/python dev/measure_duplicates.py [--sample 500]
 
-Hashes are computed exactly as staging does (bytes -> dermray.imaging.probe_thumbnail -> perceptual_hash):
+Hashes are computed exactly as staging does (bytes -> dermray.data.imaging.probe_thumbnail -> perceptual_hash):
 * recall on synthetic re-encodings of real ham10000-300 photos (JPEG quality 70/90, resized down and up);
 * recall on DermaMNIST's 28 px copies of the same photos, paired to ham10000-300 by pixel nearest neighbour
   (the npz carries no image id, so the pairing itself is measured and only unambiguous pairs are used);
@@ -26,8 +26,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dermray.duplicates import NEAR_THRESHOLD, _packed, content_hash, near_pairs, perceptual_hash  # noqa: E402
-from dermray.imaging import probe_thumbnail  # noqa: E402
+from dermray.data.duplicates import NEAR_THRESHOLD, _packed, content_hash, near_pairs, perceptual_hash  # noqa: E402
+from dermray.data.imaging import probe_thumbnail  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 THRESHOLDS = (0, 8, 16, 24, 32, 34, 36, 40, 48, 64)

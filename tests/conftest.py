@@ -182,8 +182,8 @@ def isic2018_on_s3(s3_client):
 @pytest.fixture(scope="session")
 def isic2018_manifest_s3(ray_local, isic2018_on_s3):
     """The real ISIC sample staged from S3 into an S3 manifest (once per session)."""
-    from dermray.sources import SourceOptions
-    from dermray.stage import stage
+    from dermray.data.sources import SourceOptions
+    from dermray.data.stage import stage
 
     summary = stage(
         "csv",
@@ -196,8 +196,8 @@ def isic2018_manifest_s3(ray_local, isic2018_on_s3):
 @pytest.fixture(scope="session")
 def isic2018_manifest_local(ray_local, tmp_path_factory):
     """The real ISIC sample staged straight from ../shared/data into a local manifest (once per session)."""
-    from dermray.sources import SourceOptions
-    from dermray.stage import stage
+    from dermray.data.sources import SourceOptions
+    from dermray.data.stage import stage
 
     folder = data_path("isic2018-sample")
     out = tmp_path_factory.mktemp("isic2018-local")
@@ -209,7 +209,7 @@ def isic2018_manifest_local(ray_local, tmp_path_factory):
 def isic_checkpoint(isic2018_manifest_local, tmp_path_factory):
     """A small model trained (in the test session) on the real ISIC sample: the checkpoint URI."""
     from dermray.config import load_config
-    from dermray.trainer import train
+    from dermray.train.trainer import train
 
     summary = train(load_config(None, [
         f"data.manifest={isic2018_manifest_local}", f"run.storage={tmp_path_factory.mktemp('isic-runs')}",

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from dermray.config import load_config
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from dermray.errors import DermrayError
-from dermray.sources import SourceOptions
-from dermray.stage import stage
-from dermray.trainer import train
+from dermray.train.trainer import train
 
 
 def _cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -167,7 +167,7 @@ def _manifest_without_staging(out, files: list, splits: list[str], classes: list
     """A manifest written directly (no Ray): for the checks that must refuse a run before Ray starts."""
     import pyarrow as pa
 
-    from dermray.manifest import Manifest, write_manifest
+    from dermray.data.manifest import Manifest, write_manifest
 
     n = len(files)
     table = pa.table({"image_uri": [str(f) for f in files], "label": pa.array([classes.index(f.parent.name)

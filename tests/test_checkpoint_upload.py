@@ -8,9 +8,9 @@ import time
 import pytest
 
 from dermray.config import load_config
-from dermray.sources import SourceOptions
-from dermray.stage import stage
-from dermray.trainer import train
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
+from dermray.train.trainer import train
 from tests.conftest import interrupt_s3
 from tests.test_reliability import _wait_for_checkpoint
 

@@ -11,9 +11,16 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from dermray.listing import list_data_files
-from dermray.predict import input_rows
-from dermray.sources import ImageIndex, SourceOptions, collect_csv, collect_folder, collect_ham10000, fold_spellings
+from dermray.data.listing import list_data_files
+from dermray.data.sources import (
+    ImageIndex,
+    SourceOptions,
+    collect_csv,
+    collect_folder,
+    collect_ham10000,
+    fold_spellings,
+)
+from dermray.evaluation.predict import input_rows
 from tests.conftest import REPO, data_path
 
 
@@ -157,7 +164,7 @@ def test_the_nightly_fingerprint_ignores_debris_and_survives_a_link_loop(tmp_pat
     """A Finder visit writes .DS_Store and a NAS writes @eaDir thumbnails: not new data, so no retraining. A new
     image is. A folder link that loops is followed once (before, the listing ran to the path length limit)."""
     from dermray.config import NightlyConfig
-    from dermray.nightly import source_fingerprint
+    from dermray.ops.nightly import source_fingerprint
 
     root = tmp_path / "photos"
     for i in range(3):

@@ -103,7 +103,7 @@ def test_the_image_size_follows_the_data_not_a_null_manifest():
 def test_every_shipped_tune_space_names_real_config_keys(path):
     """A sweep sets each tune.space key on its trials' configs; `dermray tune` checks the space before any trial
     (tune.check_space, tested on a misspelt key in test_tune.py). Every shipped YAML's space passes that check."""
-    from dermray.tune import check_space
+    from dermray.tune.sweep import check_space
 
     config = load_config(str(path))
     check_space(config.model_dump(mode="json"), config.tune.space)

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.duplicates import NEAR_THRESHOLD, NO_PHASH, find_duplicates, hamming, merge_groups, perceptual_hash
-from dermray.imaging import probe_thumbnail
-from dermray.manifest import read_manifest
-from dermray.sources import SourceOptions
-from dermray.stage import stage
+from dermray.data.duplicates import NEAR_THRESHOLD, NO_PHASH, find_duplicates, hamming, merge_groups, perceptual_hash
+from dermray.data.imaging import probe_thumbnail
+from dermray.data.manifest import read_manifest
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from tests.conftest import data_path
 
 EXACT_PAIRS = 8  # at 70/15/15, 8 independent pairs all land together by chance with probability < 1%

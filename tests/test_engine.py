@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dermray.config import TrainConfig
-from dermray.engine import build_optimizer, build_scheduler, lr_factor, set_hyperparameters
+from dermray.train.engine import build_optimizer, build_scheduler, lr_factor, set_hyperparameters
 
 
 def _stepped(cfg: TrainConfig, lr: float, steps: int):

@@ -16,11 +16,11 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from dermray import storage
+from dermray.data.manifest import read_manifest
 from dermray.errors import DermrayError
-from dermray.evaluate import evaluate
-from dermray.explain import explain
-from dermray.manifest import read_manifest
-from dermray.predict import predict
+from dermray.evaluation.evaluate import evaluate
+from dermray.evaluation.explain import explain
+from dermray.evaluation.predict import predict
 
 pytestmark = pytest.mark.slow
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -120,8 +120,8 @@ def test_explain_writes_saliency_and_tsne(isic_checkpoint, isic2018_manifest_loc
 
 
 def test_a_manifest_of_other_classes_is_refused(isic_checkpoint, tmp_path):
-    from dermray.sources import SourceOptions
-    from dermray.stage import stage
+    from dermray.data.sources import SourceOptions
+    from dermray.data.stage import stage
 
     other = stage("synthetic", SourceOptions(out=str(tmp_path), images_per_class=8, image_size=48))["manifest"]
     with pytest.raises(DermrayError, match="was trained on classes"):

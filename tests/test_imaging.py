@@ -1,4 +1,4 @@
-"""dermray.imaging: every mode decodes to RGB correctly; every kind of broken file is an UnreadableImage."""
+"""dermray.data.imaging: every mode decodes to RGB correctly; every kind of broken file is an UnreadableImage."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from dermray.imaging import ImageInfo, UnreadableImage, decode_rgb, probe_image, to_rgb
+from dermray.data.imaging import ImageInfo, UnreadableImage, decode_rgb, probe_image, to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(os.environ.get("DERMRAY_TEST_DATA", REPO.parent / "shared" / "data"))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dermray import storage
 from dermray.config import AugmentConfig
-from dermray.ingest import (
+from dermray.data.ingest import (
     IMAGENET_MEAN,
     DecodeAndTransform,
     balanced_rows,
@@ -19,8 +19,8 @@ from dermray.ingest import (
     normalize_on_device,
     train_preset,
 )
-from dermray.manifest import read_manifest
-from dermray.transforms import EvalPreset
+from dermray.data.manifest import read_manifest
+from dermray.data.transforms import EvalPreset
 
 
 def test_train_batches_from_s3_manifest(isic2018_manifest_s3):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dermray.sources import SourceOptions
-from dermray.stage import stage
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from tests.cluster_helpers import RAY, LocalCluster
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from dermray.metrics import (
+from dermray.evaluation.metrics import (
     evaluate_predictions,
     expected_calibration_error,
     macro_ovr_auc,
@@ -107,7 +107,7 @@ def test_taxonomy_trees_and_coarse_sums():
 def test_balanced_accuracy_counts_a_tied_top_probability_as_wrong_as_isic_does():
     # ISIC's balanced_multiclass_accuracy labels a row whose maximum is shared "undecided" (never correct);
     # scikit-learn's arg-max would credit the first tied class.
-    from dermray.metrics import balanced_accuracy
+    from dermray.evaluation.metrics import balanced_accuracy
 
     probs = np.array([[0.5, 0.5, 0.0], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
     labels = np.array([0, 1, 2, 0])

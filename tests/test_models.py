@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from dermray.errors import DermrayError
-from dermray.models import (
+from dermray.models.backbones import (
     BACKBONES,
     backbone_names,
     build_model,

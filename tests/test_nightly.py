@@ -17,9 +17,9 @@ import pytest
 
 from dermray import storage
 from dermray.config import load_config
-from dermray.nightly import decide, nightly
-from dermray.registry import Registry
-from dermray.synthetic import generate
+from dermray.data.synthetic import generate
+from dermray.ops.nightly import decide, nightly
+from dermray.ops.registry import Registry
 from tests.cluster_helpers import kill_matching
 
 EPOCHS = 2

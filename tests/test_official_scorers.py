@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray.evaluate import evaluate, image_id
-from dermray.manifest import read_manifest
+from dermray.data.manifest import read_manifest
+from dermray.evaluation.evaluate import evaluate, image_id
 from tests.conftest import data_path
 
 pytestmark = pytest.mark.slow
@@ -170,9 +170,9 @@ def dermamnist_run(ray_local, tmp_path_factory) -> dict:
     """A tiny small_cnn trained at 28 px on the first 1,500 real DermaMNIST training images, then evaluated on the
     whole real val split (1,003 images): the npz is subset, not the images altered."""
     from dermray.config import load_config
-    from dermray.sources import SourceOptions
-    from dermray.stage import stage
-    from dermray.trainer import train
+    from dermray.data.sources import SourceOptions
+    from dermray.data.stage import stage
+    from dermray.train.trainer import train
 
     root = tmp_path_factory.mktemp("dermamnist")
     arrays = np.load(data_path("dermamnist", "dermamnist_28_trainval.npz"))
@@ -219,7 +219,7 @@ def test_medmnist_evaluator_agrees_with_metrics_json(dermamnist_run):
 
 
 def test_the_submission_leaves_out_rows_without_a_prediction_and_fills_a_missing_optional_class():
-    from dermray.evaluate import SplitPredictions, isic_submission
+    from dermray.evaluation.evaluate import SplitPredictions, isic_submission
     from dermray.taxonomy import isic_format
 
     classes = ["ak", "bcc", "bkl", "df", "mel", "nv", "scc", "vasc"]  # ISIC 2019 without UNK, in staging's order

@@ -14,11 +14,11 @@ from PIL import Image
 
 from dermray import storage
 from dermray.config import AugmentConfig
-from dermray.ingest import build_dataset, train_preset
-from dermray.manifest import read_manifest
-from dermray.pack import resized_jpeg
-from dermray.sources import SourceOptions
-from dermray.stage import stage
+from dermray.data.ingest import build_dataset, train_preset
+from dermray.data.manifest import read_manifest
+from dermray.data.pack import resized_jpeg
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from tests.conftest import data_path, upload_folder
 
 

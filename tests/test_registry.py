@@ -8,7 +8,7 @@ import pytest
 
 from dermray import storage
 from dermray.errors import DermrayError
-from dermray.registry import Registry
+from dermray.ops.registry import Registry
 
 
 @pytest.fixture(params=["local", "s3"])

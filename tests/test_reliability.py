@@ -18,9 +18,9 @@ from PIL import Image
 
 from dermray import storage
 from dermray.config import load_config
-from dermray.sources import SourceOptions
-from dermray.stage import stage
-from dermray.trainer import train
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
+from dermray.train.trainer import train
 from tests.cluster_helpers import kill_matching
 from tests.conftest import interrupt_s3
 

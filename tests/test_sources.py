@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.errors import DermrayError
-from dermray.sources import (
+from dermray.data.sources import (
     SourceOptions,
     collect_csv,
     collect_folder,
@@ -19,6 +18,7 @@ from dermray.sources import (
     collect_isic2020,
     collect_medmnist,
 )
+from dermray.errors import DermrayError
 from tests.conftest import data_path
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray.splits import SplitFractions, assign_splits
+from dermray.data.splits import SplitFractions, assign_splits
 from tests.conftest import data_path
 
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dermray.manifest import read_manifest
-from dermray.sources import SourceOptions
-from dermray.stage import stage
+from dermray.data.manifest import read_manifest
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from tests.conftest import data_path
 
 

@@ -1,4 +1,4 @@
-"""dermray.synthetic: the embedded dataset is complete, decodable, grouped by lesion, deterministic and
+"""dermray.data.synthetic: the embedded dataset is complete, decodable, grouped by lesion, deterministic and
 learnable."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermray import synthetic
-from dermray.imaging import decode_rgb, probe_image
-from dermray.synthetic import SYNTHETIC_CLASSES, generate, render_lesion
+from dermray.data import synthetic
+from dermray.data.imaging import decode_rgb, probe_image
+from dermray.data.synthetic import SYNTHETIC_CLASSES, generate, render_lesion
 
 
 def files_under(root) -> list[str]:

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from dermray import storage
-from dermray.checkpoint import STATE_FILE
 from dermray.config import load_config
+from dermray.data.manifest import read_manifest
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from dermray.errors import DermrayError
-from dermray.manifest import read_manifest
-from dermray.sources import SourceOptions
-from dermray.stage import stage
-from dermray.trainer import train
+from dermray.models.checkpoint import STATE_FILE
+from dermray.train.trainer import train
 
 SMALL = ["model.backbone=resnet18", "model.image_size=64", "train.batch_size=16", "train.lr=0.003"]
 

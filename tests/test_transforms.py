@@ -1,4 +1,4 @@
-"""dermray.transforms: presets give fixed-size uint8 arrays, are driven only by the given rng, and the Esteva
+"""dermray.data.transforms: presets give fixed-size uint8 arrays, are driven only by the given rng, and the Esteva
 rotate-and-crop never shows zero-filled corners."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermray.imaging import decode_rgb
-from dermray.transforms import EvalPreset, TrainPreset, decode_size_hint, largest_inscribed_rect
+from dermray.data.imaging import decode_rgb
+from dermray.data.transforms import EvalPreset, TrainPreset, decode_size_hint, largest_inscribed_rect
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(os.environ.get("DERMRAY_TEST_DATA", REPO.parent / "shared" / "data"))

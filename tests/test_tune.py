@@ -16,11 +16,11 @@ import yaml
 
 from dermray import storage
 from dermray.config import config_from_dict, load_config
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from dermray.errors import DermrayError
-from dermray.sources import SourceOptions
-from dermray.stage import stage
-from dermray.tune import _trial_runs, check_space, clip_to_space, concurrency, sweep
-from dermray.tune_checkpoints import KeepRecentAndPendingCheckpoints
+from dermray.tune.checkpoints import KeepRecentAndPendingCheckpoints
+from dermray.tune.sweep import _trial_runs, check_space, clip_to_space, concurrency, sweep
 from tests.cluster_helpers import kill_matching
 
 

@@ -2,7 +2,7 @@
 
 Flow: the source lists labelled image records -> a Ray Data job opens every image (so validation scales out
 with the cluster) -> unreadable files become counted skips -> grouped, stratified, stable splits (keeping the
-previous manifest's assignments; exact and near-duplicate photos share one group, see ``dermray.duplicates``) ->
+previous manifest's assignments; exact and near-duplicate photos share one group, see ``dermray.data.duplicates``) ->
 ``<out>/manifest.parquet``, ``<out>/skipped.csv`` and ``<out>/duplicates.csv`` written atomically.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from dermray import storage
-from dermray.duplicates import (
+from dermray.data.duplicates import (
     DUPLICATES_NAME,
     NEAR_THRESHOLD,
     NO_PHASH,
@@ -34,12 +34,12 @@ from dermray.duplicates import (
     perceptual_hash,
     write_duplicates,
 )
+from dermray.data.imaging import UnreadableImage, probe_thumbnail
+from dermray.data.manifest import Manifest, hash_group, manifest_uri, read_manifest, write_manifest
+from dermray.data.pack import DEFAULT_ROWS_PER_SHARD, pack_shards
+from dermray.data.sources import SOURCES, Collected, SourceOptions
+from dermray.data.splits import SplitFractions, assign_splits
 from dermray.errors import DermrayError
-from dermray.imaging import UnreadableImage, probe_thumbnail
-from dermray.manifest import Manifest, hash_group, manifest_uri, read_manifest, write_manifest
-from dermray.pack import DEFAULT_ROWS_PER_SHARD, pack_shards
-from dermray.sources import SOURCES, Collected, SourceOptions
-from dermray.splits import SplitFractions, assign_splits
 from dermray.taxonomy import infer_taxonomy
 
 SKIPPED_NAME = "skipped.csv"
@@ -48,7 +48,7 @@ PROGRESS_SECONDS = 10.0
 
 class Probe(NamedTuple):
     """What staging learns from opening one image: its stored size, a skip reason ("" when readable), and the
-    hashes duplicate detection needs (see dermray.duplicates; "" when unreadable or, for phash, no RGB picture)."""
+    hashes duplicate detection needs (see dermray.data.duplicates; "" when unreadable or, for phash, no RGB picture)."""
 
     width: int
     height: int
@@ -129,7 +129,7 @@ def _write_skipped(uri: str, skipped: list[tuple[str, str]]) -> str:
 def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFractions(), seed: int = 0,
           pack_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> dict:
     """Stage a dataset into ``<opts.out>/manifest.parquet`` and return the JSON summary. With ``pack_size``,
-    also write packed shards of the images resized to that longest side (see ``dermray.pack``)."""
+    also write packed shards of the images resized to that longest side (see ``dermray.data.pack``)."""
     if source not in SOURCES:
         raise DermrayError(f"stage: unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
     started = time.monotonic()

@@ -13,13 +13,11 @@ Both print a table on stderr and one JSON line on stdout.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import resource
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -28,9 +26,9 @@ import numpy as np
 
 from dermray import storage
 from dermray.config import AugmentConfig
+from dermray.data.listing import list_data_files
+from dermray.data.sources import IMAGE_EXTENSIONS
 from dermray.errors import DermrayError
-from dermray.listing import list_data_files
-from dermray.sources import IMAGE_EXTENSIONS
 
 
 def _peak_rss_gib() -> float:
@@ -125,7 +123,7 @@ def _grow_shards(prefix: str, rows: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dermray.pack import DEFAULT_ROWS_PER_SHARD
+    from dermray.data.pack import DEFAULT_ROWS_PER_SHARD
 
     originals = [f for f in storage.list_files(prefix) if f.endswith(".parquet")]
     sample = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in originals])
@@ -152,8 +150,8 @@ class _ImageFiles:
         return len(self.uris)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        from dermray.imaging import decode_rgb
-        from dermray.transforms import decode_size_hint
+        from dermray.data.imaging import decode_rgb
+        from dermray.data.transforms import decode_size_hint
 
         image = decode_rgb(storage.read_bytes(self.uris[index]), min_side=decode_size_hint(self.preset))
         return self.preset(image, np.random.default_rng())
@@ -182,8 +180,8 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
     import pyarrow as pa
     import ray
 
-    from dermray.ingest import build_dataset, train_preset
-    from dermray.manifest import Manifest
+    from dermray.data.ingest import build_dataset, train_preset
+    from dermray.data.manifest import Manifest
     from dermray.ray_runtime import ensure_ray
 
     uris = list_images(images, limit)
@@ -218,7 +216,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
         _repeat(lambda: ({"image": [dataset[i]]} for i in range(len(dataset)))), min(seconds, 10.0), count)
 
     if pack:
-        from dermray.pack import pack_shards
+        from dermray.data.pack import pack_shards
 
         # Shards in the same store as the images (--pack-to), so the comparison is the layout, not the store.
         local = None if pack_to else tempfile.mkdtemp(prefix="dermray-bench-")
@@ -256,11 +254,11 @@ def bench_train(backbone: str, image_size: int, manifest: str | None = None, sec
     from torch import nn
 
     from dermray.config import TrainConfig
-    from dermray.engine import build_optimizer, build_scheduler, train_one_epoch
-    from dermray.ingest import build_dataset, train_preset
-    from dermray.manifest import read_manifest
-    from dermray.models import build_model
+    from dermray.data.ingest import build_dataset, train_preset
+    from dermray.data.manifest import read_manifest
+    from dermray.models.backbones import build_model
     from dermray.ray_runtime import ensure_ray
+    from dermray.train.engine import build_optimizer, build_scheduler, train_one_epoch
 
     device = torch.device("cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu")
     model = build_model(backbone, 7).to(device)
@@ -320,60 +318,7 @@ def _time_limited(batches: Iterable, seconds: float):
             return
 
 
-def _print_table(name: str, results: dict) -> None:
+def print_table(name: str, results: dict) -> None:
     width = max(len(k) for k in results)
     lines = [f"dermray bench {name}"] + [f"  {k.ljust(width)}  {v}" for k, v in results.items()]
     print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-EPILOG = textwrap.dedent(
-    """\
-    examples:
-      dermray bench ingest --images ../shared/data/isic2018-sample/images --image-size 224 --pack
-      dermray bench ingest --images s3://bucket/isic2018/images --pack --pack-to s3://bucket/scratch
-      dermray bench train --backbone resnet50 --image-size 224 --manifest ./dermray-store/datasets/isic2018
-    """
-)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure ingest and training throughput against the alternatives",
-                       description=__doc__.split("\n\n")[1], epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    kinds = p.add_subparsers(dest="bench", required=True, metavar="{ingest,train}")
-    ingest = kinds.add_parser("ingest", help="Ray Data vs DataLoader vs one core (vs packed shards)")
-    ingest.add_argument("--images", required=True, help="folder or prefix of images (local or s3://)")
-    ingest.add_argument("--image-size", type=int, default=224, help="augmented output side (default 224)")
-    ingest.add_argument("--seconds", type=float, default=20.0, help="length of each measurement (default 20)")
-    ingest.add_argument("--pack", action="store_true", help="also pack the images and measure the shards")
-    ingest.add_argument("--pack-size", type=int, default=256, help="longest side of packed images (default 256)")
-    ingest.add_argument("--pack-to", help="folder or prefix for the packed shards, deleted afterwards (default: a "
-                        "local temporary folder; give the images' bucket to compare layouts on the same store)")
-    ingest.add_argument("--limit", type=int, help="use at most this many images")
-    train = kinds.add_parser("train", help="training images/s: synthetic batches vs the real pipeline")
-    train.add_argument("--backbone", default="resnet50", help="registry backbone (default resnet50)")
-    train.add_argument("--image-size", type=int, default=224, help="input side (default 224)")
-    train.add_argument("--manifest", help="a staged manifest for the real-pipeline measurement")
-    train.add_argument("--batch-size", type=int, default=32, help="default 32")
-    train.add_argument("--seconds", type=float, default=20.0, help="length of each measurement (default 20)")
-
-
-def run(args: argparse.Namespace) -> dict:
-    if args.seconds <= 0:
-        raise DermrayError("bench: --seconds must be positive")
-    if args.bench == "train":
-        from dermray.models import BACKBONES
-
-        if args.backbone not in BACKBONES:
-            raise DermrayError(f"bench train: unknown backbone '{args.backbone}'; choose one of: "
-                               f"{', '.join(BACKBONES)}")
-    # Measured around the whole benchmark, Ray's start included: its workers and object store are part of the cost.
-    with MachineMemoryPeak() as memory:
-        if args.bench == "ingest":
-            results = bench_ingest(args.images, args.image_size, args.seconds, args.pack, args.pack_size,
-                                   args.limit, pack_to=args.pack_to)
-        else:
-            results = bench_train(args.backbone, args.image_size, args.manifest, args.seconds, args.batch_size)
-    results["peak_memory_gib"] = memory.gib
-    _print_table(args.bench, results)
-    return results

@@ -1,7 +1,7 @@
 """Dataset sources: each turns a dataset's own layout into labelled image records.
 
 A source only parses labels and finds files; opening every image, splitting and writing the manifest are
-``dermray.stage``'s job, identical for all sources. Problems with single rows (a file listed but absent, an
+``dermray.data.stage``'s job, identical for all sources. Problems with single rows (a file listed but absent, an
 unknown label, a duplicate id) become counted skips with a reason; problems with the whole input (a missing
 column, no image found at all) raise a one-line ``DermrayError`` that names the fix.
 """
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from dermray import storage
+from dermray.data.listing import Listing, list_data_files, list_subfolders
 from dermray.errors import DermrayError
-from dermray.listing import Listing, list_data_files, list_subfolders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]  # alphabetical, the MedMNIST order too
@@ -119,7 +119,7 @@ def fold_spellings(values: list[str], vocabulary: list[str] | None = None) -> tu
 
 class ImageIndex:
     """Every image file under a folder or prefix, found by relative path or by file stem (system files and
-    folders left out, each file once: see ``dermray.listing``)."""
+    folders left out, each file once: see ``dermray.data.listing``)."""
 
     def __init__(self, images: str):
         self.root = storage.normalize(images)
@@ -348,7 +348,7 @@ def collect_medmnist(opts: SourceOptions) -> Collected:
 
 def collect_synthetic(opts: SourceOptions) -> Collected:
     """Procedural lesion-like images (the embedded default's data), written to <out>/images."""
-    from dermray import synthetic
+    from dermray.data import synthetic
 
     images_root = storage.join(storage.normalize(opts.out), "images")
     rows = synthetic.generate(images_root, opts.images_per_class, opts.image_size, opts.seed)

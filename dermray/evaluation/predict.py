@@ -9,10 +9,8 @@ prediction: reported, never fatal, never silently dropped.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import textwrap
 import time
 from collections import Counter
 
@@ -20,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from dermray import storage
+from dermray.data.listing import list_data_files
+from dermray.data.manifest import MANIFEST_NAME, read_manifest
+from dermray.data.sources import IMAGE_EXTENSIONS
 from dermray.errors import DermrayError
-from dermray.listing import list_data_files
-from dermray.manifest import MANIFEST_NAME, read_manifest
-from dermray.sources import IMAGE_EXTENSIONS
 from dermray.taxonomy import coarse_probabilities
 
 PREDICTIONS = "predictions"
@@ -66,11 +64,11 @@ def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: 
     import pyarrow.dataset as pads
     import ray
 
-    from dermray.checkpoint import input_geometry, read_checkpoint_meta
-    from dermray.inference import Predictor, actor_pool
-    from dermray.ingest import DecodeAndTransform
+    from dermray.data.ingest import DecodeAndTransform
+    from dermray.data.transforms import EvalPreset
+    from dermray.evaluation.inference import Predictor, actor_pool
+    from dermray.models.checkpoint import input_geometry, read_checkpoint_meta
     from dermray.ray_runtime import ensure_ray
-    from dermray.transforms import EvalPreset
 
     started = time.monotonic()
     meta = read_checkpoint_meta(checkpoint)
@@ -108,35 +106,3 @@ def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: 
         "per_class": {name: counts.get(name, 0) for name in classes}, "tta": tta,
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-EPILOG = textwrap.dedent(
-    """\
-    --input is a manifest (folder holding manifest.parquet, or the .parquet) or any folder/prefix of images.
-    The Parquet files under <out>/predictions/ hold: image_uri, predicted, confidence, p_<class> for every
-    class, p_malignant/p_benign (with a taxonomy), error (the reason an image could not be read, else empty).
-
-    example:
-      dermray predict --checkpoint s3://bucket/runs/isic/checkpoint_... --input s3://bucket/new-photos/ \\
-                      --out s3://bucket/predictions/2026-11-22
-    """
-)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict", help="distributed batch inference over a manifest or a folder of images",
-        description="Batch inference with Ray Data: decode on CPU tasks, the model in an actor pool (GPU actors "
-        "when the cluster has GPUs); unreadable images are reported, not fatal.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint_* folder of a run (local or s3://)")
-    p.add_argument("--input", required=True, help="a manifest, or a folder/prefix of images (local or s3://)")
-    p.add_argument("--out", required=True, help="output folder or prefix; Parquet goes to <out>/predictions/")
-    p.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="{1..8}",
-                   help="test-time augmentation views (default: 1, off)")
-    p.add_argument("--overwrite", action="store_true", help="replace predictions already under --out")
-
-
-def run(args: argparse.Namespace) -> dict:
-    return predict(args.checkpoint, args.input, args.out, args.tta, args.overwrite)

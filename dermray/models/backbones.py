@@ -22,7 +22,7 @@ from torchvision.models.inception import InceptionOutputs
 
 from dermray import storage
 from dermray.errors import DermrayError
-from dermray.small_cnn import SmallCNN
+from dermray.models.small_cnn import SmallCNN
 
 
 @dataclass(frozen=True)

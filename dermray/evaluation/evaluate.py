@@ -3,12 +3,9 @@ plots and a self-contained HTML report written to ``--out`` (local or s3://)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
-import textwrap
 import time
 from dataclasses import dataclass
 
@@ -17,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermray import __version__, storage
+from dermray.data.manifest import Manifest, manifest_uri, read_manifest
 from dermray.errors import DermrayError
-from dermray.manifest import Manifest, manifest_uri, read_manifest
 from dermray.taxonomy import MALIGNANT, IsicFormat, isic_format
 
 HEADLINE_KEYS = ("images", "accuracy", "balanced_accuracy", "roc_auc_ovr", "melanoma_auc", "malignant_auc",
@@ -45,11 +42,11 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
     actor pool, one actor per GPU when there are GPUs)."""
     import ray
 
-    from dermray.checkpoint import input_geometry, melanoma_class_of, read_checkpoint_meta
-    from dermray.inference import Predictor, actor_pool
-    from dermray.ingest import build_dataset
+    from dermray.data.ingest import build_dataset
+    from dermray.data.transforms import EvalPreset
+    from dermray.evaluation.inference import Predictor, actor_pool
+    from dermray.models.checkpoint import input_geometry, melanoma_class_of, read_checkpoint_meta
     from dermray.ray_runtime import ensure_ray
-    from dermray.transforms import EvalPreset
 
     meta = read_checkpoint_meta(checkpoint)
     if meta["classes"] != manifest.classes:
@@ -85,8 +82,8 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
 
 
 def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
-    from dermray.metrics import malignant_labels, malignant_scores, reliability
-    from dermray.plots import confusion_figure, reliability_figure, roc_figure
+    from dermray.evaluation.metrics import malignant_labels, malignant_scores, reliability
+    from dermray.evaluation.plots import confusion_figure, reliability_figure, roc_figure
 
     predicted = result.probs.argmax(axis=1)
     curves = []
@@ -144,9 +141,9 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
     """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet``, ``report.html`` and, for the
     classes of an ISIC challenge, ``isic_submission.csv`` to ``out`` (default: ``<checkpoint>/eval-<split>``);
     returns the JSON summary with the headline metrics and ``outputs`` (the optional files written)."""
-    from dermray.checkpoint import read_checkpoint_meta, read_checkpoint_state
-    from dermray.metrics import evaluate_predictions
-    from dermray.report import render_report
+    from dermray.evaluation.metrics import evaluate_predictions
+    from dermray.evaluation.report import render_report
+    from dermray.models.checkpoint import read_checkpoint_meta, read_checkpoint_state
 
     started = time.monotonic()
     if tta < 1 or tta > 8:
@@ -188,39 +185,3 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-
-EPILOG = textwrap.dedent(
-    """\
-    writes to --out (default <checkpoint>/eval-<split>): metrics.json, report.html, roc_per_class.png,
-    roc_malignant.png (with a taxonomy), confusion.png, reliability.png, predictions.parquet, and
-    isic_submission.csv when the classes are an ISIC challenge's (ISIC 2018 Task 3: the 7 HAM10000 codes; ISIC
-    2019: mel nv bcc ak bkl df vasc scc [unk]): image + the official probability columns, unreadable images left out.
-
-    example:
-      dermray evaluate --checkpoint ./dermray-store/runs/default/checkpoint_2026-... \\
-                       --manifest ./dermray-store/datasets/synthetic --split test --tta 8
-    """
-)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="metrics, plots and an HTML report of a checkpoint on a split",
-        description="Evaluate a checkpoint on one split of a manifest (a Ray Data inference job): accuracy, "
-        "balanced accuracy, one-vs-rest and melanoma/malignant ROC AUC, per-class sensitivity/specificity/"
-        "precision, calibration, bootstrap 95% intervals, ROC/confusion/reliability plots and report.html.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint_* folder of a run (local or s3://)")
-    p.add_argument("--manifest", required=True, help="manifest from `dermray stage` (folder or .parquet)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--out", help="output folder or prefix (default: <checkpoint>/eval-<split>)")
-    p.add_argument("--tta", type=int, default=1, help="test-time augmentation views, 1 (off) to 8 (default: 1)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
-
-
-def run(args: argparse.Namespace) -> dict:
-    summary = evaluate(args.checkpoint, args.manifest, args.split, args.out, args.tta, args.bootstrap)
-    print(f"[dermray] evaluate: report at {summary['report']}", file=sys.stderr, flush=True)
-    return summary

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from dermray import storage
-from dermray.imaging import decode_rgb
+from dermray.data.imaging import decode_rgb
 
 JPEG_QUALITY = 90
 DEFAULT_ROWS_PER_SHARD = 2000

@@ -26,13 +26,13 @@ import time
 import uuid
 
 from dermray import storage
-from dermray.checkpoint import META_FILE
 from dermray.config import Config, NightlyConfig
+from dermray.data.listing import list_data_files
+from dermray.data.manifest import manifest_uri
+from dermray.data.sources import SourceOptions
 from dermray.errors import DermrayError
-from dermray.listing import list_data_files
-from dermray.manifest import manifest_uri
-from dermray.registry import Registry, utc_stamp
-from dermray.sources import SourceOptions
+from dermray.models.checkpoint import META_FILE
+from dermray.ops.registry import Registry, utc_stamp
 
 
 def _log(message: str) -> None:
@@ -60,7 +60,7 @@ def source_fingerprint(cfg: NightlyConfig) -> dict:
 
 
 def _stage(cfg: NightlyConfig, seed: int) -> dict:
-    from dermray.stage import stage
+    from dermray.data.stage import stage
 
     options = SourceOptions(
         out=cfg.dataset, images=cfg.images, labels=cfg.labels, npz=cfg.npz, image_col=cfg.image_col,
@@ -85,7 +85,7 @@ def _warm_start(champion_checkpoint: str | None, config: Config, classes: list[s
 
 
 def _holdout_metrics(checkpoint: str, manifest: str, split: str, out: str) -> dict:
-    from dermray.evaluate import evaluate
+    from dermray.evaluation.evaluate import evaluate
 
     return evaluate(checkpoint=checkpoint, manifest=manifest, split=split, out=out)["metrics"]
 
@@ -116,7 +116,7 @@ def decide(cfg: NightlyConfig, challenger: dict, champion: dict | None) -> tuple
 def nightly(config: Config) -> dict:
     """One nightly cycle; returns the JSON summary (promoted, champion, challenger, reason, ...)."""
     from dermray.ray_runtime import ensure_ray
-    from dermray.trainer import train
+    from dermray.train.trainer import train
 
     cfg = config.nightly
     registry = Registry(cfg.registry)

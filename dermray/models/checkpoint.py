@@ -85,7 +85,7 @@ def load_for_inference(checkpoint_uri: str, device: torch.device | str = "cpu") 
     import torch
 
     from dermray.config import Config
-    from dermray.models import build_model
+    from dermray.models.backbones import build_model
 
     state = read_checkpoint_state(checkpoint_uri)
     config = Config.model_validate(state["config"])

@@ -8,21 +8,19 @@
 
 from __future__ import annotations
 
-import argparse
-import textwrap
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dermray import storage
+from dermray.data.imaging import UnreadableImage, decode_rgb
+from dermray.data.manifest import read_manifest
+from dermray.data.transforms import EvalPreset, decode_size_hint
 from dermray.errors import DermrayError
-from dermray.imaging import UnreadableImage, decode_rgb
-from dermray.manifest import read_manifest
-from dermray.transforms import EvalPreset, decode_size_hint
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `dermray --help` need not load it
-    from dermray.checkpoint import InferenceModel
+    from dermray.models.checkpoint import InferenceModel
 
 
 def saliency_map(loaded: InferenceModel, image: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,8 +28,8 @@ def saliency_map(loaded: InferenceModel, image: np.ndarray, label: int) -> tuple
     over RGB, scaled by its 99th percentile so one hot pixel does not wash out the map."""
     import torch
 
-    from dermray.ingest import normalize_on_device
-    from dermray.models import split_logits
+    from dermray.data.ingest import normalize_on_device
+    from dermray.models.backbones import split_logits
 
     device = next(loaded.model.parameters()).device
     x = normalize_on_device(torch.from_numpy(image)[None], device, channels_last=False).requires_grad_(True)
@@ -78,9 +76,9 @@ def explain(checkpoint: str, manifest: str, out: str | None = None, split: str =
             tsne_images: int = 2000) -> dict:
     import torch
 
-    from dermray.checkpoint import load_for_inference
-    from dermray.evaluate import predict_split
-    from dermray.plots import saliency_grid_figure, tsne_figure
+    from dermray.evaluation.evaluate import predict_split
+    from dermray.evaluation.plots import saliency_grid_figure, tsne_figure
+    from dermray.models.checkpoint import load_for_inference
 
     started = time.monotonic()
     loaded_manifest = read_manifest(manifest)
@@ -107,37 +105,3 @@ def explain(checkpoint: str, manifest: str, out: str | None = None, split: str =
     return {"saliency": saliency_uri, "tsne": tsne_uri, "tsne_points": storage.join(out, "tsne.csv"),
             "saliency_examples": sum(len(e) for _, e in rows), "tsne_images": int(len(points)),
             "feature_dim": int(result.features.shape[1]), "out": out, "seconds": round(time.monotonic() - started, 1)}
-
-
-EPILOG = textwrap.dedent(
-    """\
-    writes to --out (default <checkpoint>/explain-<split>): saliency.png (per class: the image and its
-    saliency overlay), tsne.png and tsne.csv (the 2-D embedding of the penultimate features).
-
-    example:
-      dermray explain --checkpoint ./dermray-store/runs/default/checkpoint_... \\
-                      --manifest ./dermray-store/datasets/synthetic
-    """
-)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "explain", help="saliency maps and a t-SNE of the features (Esteva et al.)",
-        description="Saliency maps (L1 norm over RGB of the loss gradient at the input) for a few images of each "
-        "class, and a t-SNE of the penultimate-layer features of a split, coloured by class.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint_* folder of a run (local or s3://)")
-    p.add_argument("--manifest", required=True, help="manifest from `dermray stage`")
-    p.add_argument("--split", default="test", help="split to explain (default: test)")
-    p.add_argument("--out", help="output folder or prefix (default: <checkpoint>/explain-<split>)")
-    p.add_argument("--per-class", type=int, default=3, help="saliency examples per class (default: 3)")
-    p.add_argument("--tsne-images", type=int, default=2000, help="at most this many images in the t-SNE (2000)")
-
-
-def run(args: argparse.Namespace) -> dict:
-    if args.per_class < 1 or args.tsne_images < 5:
-        raise DermrayError("explain: --per-class must be >= 1 and --tsne-images >= 5")
-    return explain(args.checkpoint, args.manifest, args.out, args.split, args.per_class, args.tsne_images)
-

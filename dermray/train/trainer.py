@@ -13,21 +13,21 @@ import time
 from collections import Counter
 
 from dermray import storage
-from dermray.checkpoint import META_FILE
 from dermray.config import Config, to_yaml
+from dermray.data.ingest import build_dataset, train_preset
+from dermray.data.manifest import Manifest, manifest_uri, read_manifest
+from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
-from dermray.ingest import build_dataset, train_preset
-from dermray.manifest import Manifest, manifest_uri, read_manifest
-from dermray.models import build_model
+from dermray.models.backbones import build_model
+from dermray.models.checkpoint import META_FILE
 from dermray.taxonomy import melanoma_class, taxonomy_tree
-from dermray.train_loop import train_loop_per_worker
-from dermray.transforms import EvalPreset
+from dermray.train.worker import train_loop_per_worker
 
 
 def embedded_manifest(config: Config) -> str:
     """The embedded default's data: the synthetic dataset, staged once next to the run store."""
-    from dermray.sources import SourceOptions
-    from dermray.stage import stage
+    from dermray.data.sources import SourceOptions
+    from dermray.data.stage import stage
 
     out = storage.join(storage.parent(storage.normalize(config.run.storage)), "datasets", "synthetic")
     if not storage.exists(manifest_uri(out)):
@@ -99,7 +99,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     from ray.train.torch import TorchTrainer
 
     from dermray.ray_runtime import debug_enabled, ensure_ray
-    from dermray.train_callbacks import StopOnInputError
+    from dermray.train.callbacks import StopOnInputError
 
     started = time.monotonic()
     config = config.with_absolute_paths()

@@ -2,7 +2,7 @@
 
 The Ray Train V2 pattern (Ray 2.60): each Tune trial runs a small driver function that builds its own
 ``TorchTrainer`` (so a trial can itself be multi-worker and multi-GPU) with a callback that forwards every epoch's
-validation metrics to Tune (``dermray.tune_bridge``); ASHA stops the trials that trail at each rung. The trial's
+validation metrics to Tune (``dermray.tune.bridge``); ASHA stops the trials that trail at each rung. The trial's
 Train run is named after the trial id under ``<run.storage>/<tune.name>/``, so an interrupted sweep, launched again
 with the same name, restores the Tuner and each unfinished trial resumes from its own latest checkpoint.
 Population-based training (``tune.scheduler: pbt``) also hands each epoch's checkpoint to Tune; a trial that Tune
@@ -15,20 +15,18 @@ epochs, status, checkpoint), ``sweep.png`` (the metric against each searched hyp
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import re
 import sys
-import textwrap
 import time
 import warnings
 
 from dermray import storage
-from dermray.checkpoint import META_FILE
 from dermray.config import Config, SearchDimension, TuneSection, config_from_dict, set_dotted, to_yaml
 from dermray.errors import DermrayError
+from dermray.models.checkpoint import META_FILE
 
 RESULTS = "trials.csv"
 TRIAL_CPU = 0.01  # the trial's driver only waits on its TorchTrainer, whose workers hold the real resources
@@ -78,7 +76,7 @@ def _scheduler(settings: TuneSection, epochs: int):
 
     from ray.tune.schedulers import ASHAScheduler
 
-    from dermray.tune_pbt import PopulationBasedTrainingBeforeLastEpoch
+    from dermray.tune.pbt import PopulationBasedTrainingBeforeLastEpoch
 
     if settings.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(settings.grace_period,
@@ -143,8 +141,8 @@ def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints:
 
     import ray.tune
 
-    from dermray.trainer import train
-    from dermray.tune_bridge import train_reporting_to_tune
+    from dermray.train.trainer import train
+    from dermray.tune.bridge import train_reporting_to_tune
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, sampled["overrides"])
@@ -318,10 +316,10 @@ def sweep(config: Config) -> dict:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from dermray.manifest import read_manifest
+    from dermray.data.manifest import read_manifest
     from dermray.ray_runtime import ensure_ray
-    from dermray.trainer import embedded_manifest
-    from dermray.tune_checkpoints import KeepRecentAndPendingCheckpoints
+    from dermray.train.trainer import embedded_manifest
+    from dermray.tune.checkpoints import KeepRecentAndPendingCheckpoints
 
     started = time.monotonic()
     config = config.with_absolute_paths()  # trials run in working directories of their own
@@ -413,48 +411,3 @@ def sweep(config: Config) -> dict:
         "results": results_uri, "plot": plot_uri, "resumed": resumed,
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-EPILOG = textwrap.dedent(
-    """\
-    with no arguments: sweeps the embedded default (synthetic data, resnet18 at 64 px) over learning rate,
-    weight decay and augmentation strengths. The space lives in the YAML's tune: section, e.g.
-
-      tune:
-        name: isic-r50-sweep
-        num_samples: 16
-        metric: val_balanced_accuracy
-        mode: max
-        space:
-          train.lr: {type: loguniform, low: 0.0001, high: 0.01}
-          data.augment.rotation_degrees: {type: uniform, low: 0, high: 180}
-          data.augment.hflip_p: {type: choice, values: [0.0, 0.5]}
-
-    population-based training instead of ASHA: every 2 epochs the bottom quarter of the trials continue from
-    checkpoints of the top quarter with their hyperparameters perturbed (lr, augmentation become schedules):
-      dermray tune --set tune.scheduler=pbt --set tune.num_samples=4 --set tune.perturbation_interval=2
-
-    launching the same tune.name again resumes an interrupted sweep. Then train the winner:
-      dermray train --config <run.storage>/<tune.name>/best_config.yaml
-    """
-)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from dermray.cli import add_config_arguments
-
-    p = sub.add_parser(
-        "tune", help="hyperparameter sweep (Ray Tune + ASHA or PBT), each trial a full training run",
-        description="A Ray Tune sweep over the YAML's tune.space; every trial is a Ray Train run (itself "
-        "multi-worker/multi-GPU as configured), ASHA stops trailing trials (or PBT has them take over leaders' "
-        "checkpoints), results go to "
-        "<run.storage>/<tune.name>/ (trials.csv, sweep.png, best_config.yaml).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(p, "tune.num_samples=16")
-
-
-def run(args: argparse.Namespace) -> dict:
-    from dermray.config import load_config
-
-    return sweep(load_config(args.config, args.overrides))

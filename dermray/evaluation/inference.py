@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dermray.checkpoint import InferenceModel, load_for_inference
-from dermray.engine import autocast_for
-from dermray.ingest import normalize_on_device
-from dermray.models import head_module, split_logits
+from dermray.data.ingest import normalize_on_device
+from dermray.models.backbones import head_module, split_logits
+from dermray.models.checkpoint import InferenceModel, load_for_inference
+from dermray.train.engine import autocast_for
 
 TTA_VIEWS = 8
 

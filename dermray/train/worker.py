@@ -1,7 +1,7 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 Ray is touched only at the edges: the dataset shards, ``prepare_model`` (DDP), the distributed gather of
-validation predictions, and ``ray.train.report`` with a checkpoint. Everything in between is ``dermray.engine``.
+validation predictions, and ``ray.train.report`` with a checkpoint. Everything in between is ``dermray.train.engine``.
 
 Two phases (the VGG16 transfer-learning recipe): epochs ``[0, head_epochs)`` train only the new head on the
 frozen backbone at ``head_lr``; the rest fine-tune everything at ``lr``. Each phase has its own optimizer and
@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dermray.checkpoint import META_FILE, STATE_FILE, read_checkpoint_state
 from dermray.config import Config
-from dermray.engine import (
+from dermray.errors import DermrayError
+from dermray.models.backbones import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
+from dermray.models.checkpoint import META_FILE, STATE_FILE, read_checkpoint_state
+from dermray.ray_runtime import keep_off_console
+from dermray.train.engine import (
     build_optimizer,
     build_scheduler,
     classification_metrics,
@@ -31,9 +34,6 @@ from dermray.engine import (
     set_hyperparameters,
     train_one_epoch,
 )
-from dermray.errors import DermrayError
-from dermray.models import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
-from dermray.ray_runtime import keep_off_console
 
 
 def _phase(epoch: int, config: Config) -> str:

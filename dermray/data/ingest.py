@@ -18,10 +18,10 @@ import pyarrow as pa
 
 from dermray import storage
 from dermray.config import AugmentConfig
+from dermray.data.imaging import UnreadableImage, decode_rgb
+from dermray.data.manifest import Manifest
+from dermray.data.transforms import EvalPreset, TrainPreset, decode_size_hint
 from dermray.errors import DermrayError
-from dermray.imaging import UnreadableImage, decode_rgb
-from dermray.manifest import Manifest
-from dermray.transforms import EvalPreset, TrainPreset, decode_size_hint
 
 log = logging.getLogger(__name__)
 

@@ -211,7 +211,7 @@ def probe_thumbnail(data: bytes) -> tuple[ImageInfo, Image.Image | None]:
     EXIF orientation, at the reduced draft scale (both sides >= 64 px for a JPEG; full size otherwise), or None
     for a mode with no RGB conversion (``probe_image`` accepts such an image, so this does too).
 
-    One decode serves both the readability check and the perceptual hash of ``dermray.duplicates``, so staging
+    One decode serves both the readability check and the perceptual hash of ``dermray.data.duplicates``, so staging
     opens and decodes each image once. Raises ``UnreadableImage`` like ``probe_image``."""
     img, info = _open_and_load(data, draft_side=_PROBE_DRAFT_SIDE)
     _turn_upright(img)

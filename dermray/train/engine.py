@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from dermray.config import TrainConfig
-from dermray.ingest import normalize_on_device
-from dermray.models import split_logits
+from dermray.data.ingest import normalize_on_device
+from dermray.models.backbones import split_logits
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

@@ -1,0 +1,1 @@
+"""Data: from a collection in storage to validated manifests and augmented uint8 batches."""

@@ -1,0 +1,1 @@
+"""Evaluation: batch inference, metrics, plots, reports, predictions and explanations."""

@@ -1,0 +1,1 @@
+"""Models: torchvision backbones, the small CNN, and the checkpoint format."""

@@ -1,0 +1,1 @@
+"""Operations: the model registry and the nightly retrain-and-promote cycle."""

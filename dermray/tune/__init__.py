@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune over dermray train (search space, schedulers, trial checkpoints)."""
