@@ -178,14 +178,12 @@ class RunConfig(_Strict):
         return f"val_{self.checkpoint_metric}", "min" if self.checkpoint_metric == "loss" else "max"
 
 
-class NightlyConfig(_Strict):
-    """``dermray nightly``: where new data arrives, where the registry lives, and the promotion rule. The other
-    sections configure the challenger's training."""
+class SourceFields(_Strict):
+    """Where a dataset's images and labels are and how to read them: what ``dermray stage`` takes as flags and
+    ``dermray nightly`` as ``nightly.*`` keys (one declaration for both)."""
 
-    source: str = "synthetic"
-    """A ``dermray stage`` source (csv, folder, ham10000, isic2018/2019/2020, medmnist, synthetic)."""
     images: str | None = None
-    """The folder or prefix new images arrive in (watched for new or changed files)."""
+    """The folder or prefix of the images (for nightly: watched for new or changed files)."""
     labels: str | None = None
     """The labels file the source reads (as for dermray stage --labels)."""
     npz: str | None = None
@@ -198,6 +196,14 @@ class NightlyConfig(_Strict):
     """csv source: the column grouping images (lesion or patient) so a group shares a split."""
     classes: list[str] | None = None
     """The class list, in order (none: the source's own or the labels found)."""
+
+
+class NightlyConfig(SourceFields):
+    """``dermray nightly``: where new data arrives, where the registry lives, and the promotion rule. The other
+    sections configure the challenger's training."""
+
+    source: str = "synthetic"
+    """A ``dermray stage`` source (csv, folder, ham10000, isic2018/2019/2020, medmnist, synthetic)."""
     synthetic_images_per_class: int = Field(150, ge=1)
     """synthetic source: images drawn per class."""
     dataset: str = "./dermray-store/datasets/nightly"
@@ -308,7 +314,7 @@ class Config(_Strict):
     """Ray Train workers and their resources."""
     run: RunConfig = RunConfig()
     """Where the run is stored, its name, failure retries, checkpoint retention."""
-    nightly: NightlyConfig = NightlyConfig()
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)  # (built on use: its check imports the sources)
     """dermray nightly: the watched source, the registry, the promotion rule."""
     tune: TuneSection = TuneSection()
     """dermray tune: the search space, scheduler and trials."""

@@ -61,12 +61,17 @@ def synthetic_manifest(ray_local, tmp_path_factory):
 
 
 def _kill_one_worker_after_first_checkpoint(run_dir: str, killed: list) -> None:
+    import ray
     from ray.util.state import list_actors
 
+    # This test's own cluster by address: another Ray instance on the machine (a second test run) would make
+    # the default address lookup ambiguous.
+    address = ray.get_runtime_context().gcs_address
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if os.path.isdir(run_dir) and any(d.startswith("checkpoint_") for d in os.listdir(run_dir)):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(address=address,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 pid = workers[-1].pid
                 os.kill(pid, signal.SIGKILL)

@@ -174,6 +174,34 @@ def list_images(images: str, limit: int | None) -> list[str]:
     return uris[:limit] if limit else uris
 
 
+def _measure_packed(table, ray_epochs, passes: int, pack_size: int, pack_to: str | None, seconds: float) -> dict:
+    """Pack the images, grow the shards to ``passes`` copies of the sample, and time Ray Data over them."""
+    import pyarrow as pa
+
+    from dermray.data.manifest import Manifest
+    from dermray.data.pack import pack_shards
+
+    results: dict = {}
+    # Shards in the same store as the images (--pack-to), so the comparison is the layout, not the store.
+    local = None if pack_to else tempfile.mkdtemp(prefix="dermray-bench-")
+    scratch = storage.join(pack_to or local, f"dermray-bench-{uuid.uuid4().hex[:8]}")
+    try:
+        started = time.perf_counter()
+        packed = Manifest(table, ["x", "y"], "bench", packed=pack_shards(table, scratch, pack_size),
+                          packed_size=pack_size)
+        results["pack_seconds"] = round(time.perf_counter() - started, 1)
+        grown = _grow_shards(storage.join(packed.packed, "train"), passes * table.num_rows)
+        # The manifest of that many rows, as staging would write it (the pipeline sizes its blocks by it).
+        packed = Manifest(pa.concat_tables([table] * math.ceil(grown / table.num_rows)).slice(0, grown),
+                          ["x", "y"], "bench", packed=packed.packed, packed_size=pack_size)
+        results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, lambda b: len(b["image"]),
+                                                   _warmup_seconds(seconds))
+        results["packed_at"] = storage.normalize(scratch)
+    finally:
+        storage.delete(local or scratch)
+    return results
+
+
 def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack: bool = False,
                  pack_size: int = 256, limit: int | None = None, batch_size: int = 32,
                  pack_to: str | None = None) -> dict:
@@ -216,25 +244,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
         _repeat(lambda: ({"image": [dataset[i]]} for i in range(len(dataset)))), min(seconds, 10.0), count)
 
     if pack:
-        from dermray.data.pack import pack_shards
-
-        # Shards in the same store as the images (--pack-to), so the comparison is the layout, not the store.
-        local = None if pack_to else tempfile.mkdtemp(prefix="dermray-bench-")
-        scratch = storage.join(pack_to or local, f"dermray-bench-{uuid.uuid4().hex[:8]}")
-        try:
-            started = time.perf_counter()
-            packed = Manifest(table, ["x", "y"], "bench", packed=pack_shards(table, scratch, pack_size),
-                              packed_size=pack_size)
-            results["pack_seconds"] = round(time.perf_counter() - started, 1)
-            grown = _grow_shards(storage.join(packed.packed, "train"), passes * len(uris))
-            # The manifest of that many rows, as staging would write it (the pipeline sizes its blocks by it).
-            packed = Manifest(pa.concat_tables([table] * math.ceil(grown / len(uris))).slice(0, grown),
-                              ["x", "y"], "bench", packed=packed.packed, packed_size=pack_size)
-            results["packed_images_per_s"], _ = _timed(ray_epochs(packed), seconds, count,
-                                                       _warmup_seconds(seconds))
-            results["packed_at"] = storage.normalize(scratch)
-        finally:
-            storage.delete(local or scratch)
+        results.update(_measure_packed(table, ray_epochs, passes, pack_size, pack_to, seconds))
         results["packed_vs_per_image"] = round(results["packed_images_per_s"] / results["ray_data_images_per_s"],
                                                2)
     ray_rate = results["ray_data_images_per_s"]

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dermray import storage
+from dermray.config import SourceFields
 from dermray.data.listing import Listing, list_data_files, list_subfolders
 from dermray.errors import DermrayError
 
@@ -46,21 +47,18 @@ class Collected:
     folded: dict[str, str] = field(default_factory=dict)  # label spelling variant -> the class it was folded into
 
 
-@dataclass(frozen=True)
-class SourceOptions:
-    """Everything a source may read; each source uses the fields its layout needs."""
+class SourceOptions(SourceFields):
+    """Everything a source may read (each source uses the fields its layout needs): the source fields of the
+    config, where the manifest goes, and the synthetic source's settings."""
 
     out: str
-    images: str | None = None
-    labels: str | None = None
-    npz: str | None = None
-    image_col: str = "image"
-    label_col: str = "label"
-    group_col: str | None = None
-    classes: tuple[str, ...] | None = None
+    """Folder or prefix the manifest (and generated or extracted images) go to."""
     images_per_class: int = 150
+    """synthetic source: images drawn per class."""
     image_size: int = 96
+    """synthetic source: side of the generated images, in pixels."""
     seed: int = 0
+    """Generator seed (synthetic source)."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -135,29 +135,13 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
     started = time.monotonic()
     out = storage.normalize(opts.out)
     collected: Collected = SOURCES[source](opts)
-    skipped = list(collected.skipped)
     _report_collection(source, collected)
-
-    probes = probe_images([r.image_uri for r in collected.records])
-    kept, sizes, hashes = [], [], []
-    for record, probe in zip(collected.records, probes):
-        if probe.reason:
-            skipped.append((record.image_uri, probe.reason))
-        else:
-            kept.append(record)
-            sizes.append((probe.width, probe.height))
-            hashes.append(probe)
-    if not kept:
-        report_uri = _write_skipped(storage.join(out, SKIPPED_NAME), skipped)
-        raise DermrayError(
-            f"stage {source}: no readable, labelled image left ({len(skipped)} skipped; reasons in {report_uri})"
-        )
-
+    kept, probes, skipped = _readable(source, collected, out)
+    uris = [r.image_uri for r in kept]
     class_index = {name: i for i, name in enumerate(collected.classes)}
     labels = [class_index[r.label_name] for r in kept]
-    uris = [r.image_uri for r in kept]
     # Copies of one photo under other names (and other lesion ids) share one group, hence one split.
-    duplicate_sets = (find_duplicates([p.sha256 for p in hashes], [p.phash for p in hashes])
+    duplicate_sets = (find_duplicates([p.sha256 for p in probes], [p.phash for p in probes])
                       if collected.may_hold_copies else [])
     groups = merge_groups([hash_group(source, r.group) for r in kept], duplicate_sets)
     if all(r.split for r in kept):
@@ -166,55 +150,65 @@ def stage(source: str, opts: SourceOptions, fractions: SplitFractions = SplitFra
         previous, previous_groups = _previous_assignments(out)
         splits = assign_splits(uris, labels, groups, fractions, seed, previous, previous_groups)
     duplicates = _duplicate_counts(duplicate_sets, [r.label_name for r in kept], splits)
-
-    table = pa.table(
-        {
-            "image_uri": uris,
-            "label": pa.array(labels, pa.int32()),
-            "label_name": [r.label_name for r in kept],
-            "group_id": groups,
-            "split": splits,
-            "source": [source] * len(kept),
-            "width": pa.array([w for w, _ in sizes], pa.int32()),
-            "height": pa.array([h for _, h in sizes], pa.int32()),
-        }
-    )
-    taxonomy = collected.taxonomy or infer_taxonomy(collected.classes)
-    manifest = Manifest(table, collected.classes, source, taxonomy)
-    previous_shards = read_manifest(manifest_uri(out)).packed if storage.exists(manifest_uri(out)) else None
-    if pack_size:
-        # Shards first, manifest last: a reader of the manifest never meets half-written shards.
-        manifest.packed = pack_shards(table, out, pack_size, rows_per_shard, stamp=time.strftime("%Y%m%dT%H%M%S"))
-        manifest.packed_size = pack_size
-    uri = write_manifest(manifest_uri(out), manifest)
-    if previous_shards and previous_shards != manifest.packed and storage.is_dir(previous_shards):
-        storage.delete(previous_shards)  # superseded by this staging (or by the per-image layout)
+    table = pa.table({
+        "image_uri": uris, "label": pa.array(labels, pa.int32()), "label_name": [r.label_name for r in kept],
+        "group_id": groups, "split": splits, "source": [source] * len(kept),
+        "width": pa.array([p.width for p in probes], pa.int32()),
+        "height": pa.array([p.height for p in probes], pa.int32()),
+    })
+    manifest = Manifest(table, collected.classes, source, collected.taxonomy or infer_taxonomy(collected.classes))
+    uri = _write_manifest_and_shards(manifest, out, pack_size, rows_per_shard)
     report = skipped + [(u, "image file not named in the labels file (unlisted)") for u in collected.unlisted]
     skipped_uri = _write_skipped(storage.join(out, SKIPPED_NAME), report)
     duplicates["report"] = write_duplicates(storage.join(out, DUPLICATES_NAME), duplicate_sets, uris,
                                             [r.label_name for r in kept])
     _report_duplicates(source, duplicates)
-
     split_counts = Counter(splits)
     summary = {
-        "manifest": uri,
-        "source": source,
-        "images": len(kept),
-        "skipped": len(skipped),
-        "unlisted": len(collected.unlisted),
-        "ignored": collected.listing.summary() if collected.listing else {},
+        "manifest": uri, "source": source, "images": len(kept), "skipped": len(skipped),
+        "unlisted": len(collected.unlisted), "ignored": collected.listing.summary() if collected.listing else {},
         "label_spellings_folded": collected.folded,
         "skipped_reasons": dict(Counter(_reason_kind(reason) for _, reason in skipped)),
-        "skipped_report": skipped_uri,
-        "classes": collected.classes,
+        "skipped_report": skipped_uri, "classes": collected.classes,
         "splits": {name: split_counts.get(name, 0) for name in sorted(split_counts)},
         "per_class": {split: manifest.class_counts(split) for split in sorted(split_counts)},
-        "duplicates": duplicates,
-        "packed": manifest.packed,
-        "seconds": round(time.monotonic() - started, 1),
+        "duplicates": duplicates, "packed": manifest.packed, "seconds": round(time.monotonic() - started, 1),
     }
     storage.write_text(storage.join(out, "stage_summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _readable(source: str, collected: Collected, out: str) -> tuple[list, list[Probe], list[tuple[str, str]]]:
+    """(the records whose image opened, their probes, every skip so far with its reason): each image is opened
+    once by a Ray Data job; none readable is a one-line error pointing at the skip report."""
+    skipped = list(collected.skipped)
+    kept, probes = [], []
+    for record, probe in zip(collected.records, probe_images([r.image_uri for r in collected.records])):
+        if probe.reason:
+            skipped.append((record.image_uri, probe.reason))
+        else:
+            kept.append(record)
+            probes.append(probe)
+    if not kept:
+        report_uri = _write_skipped(storage.join(out, SKIPPED_NAME), skipped)
+        raise DermrayError(
+            f"stage {source}: no readable, labelled image left ({len(skipped)} skipped; reasons in {report_uri})"
+        )
+    return kept, probes, skipped
+
+
+def _write_manifest_and_shards(manifest: Manifest, out: str, pack_size: int | None, rows_per_shard: int) -> str:
+    """Write the manifest (and with ``pack_size`` its packed shards first: a reader of the manifest never meets
+    half-written shards); shards of an earlier staging that this one superseded are deleted after."""
+    previous_shards = read_manifest(manifest_uri(out)).packed if storage.exists(manifest_uri(out)) else None
+    if pack_size:
+        manifest.packed = pack_shards(manifest.table, out, pack_size, rows_per_shard,
+                                      stamp=time.strftime("%Y%m%dT%H%M%S"))
+        manifest.packed_size = pack_size
+    uri = write_manifest(manifest_uri(out), manifest)
+    if previous_shards and previous_shards != manifest.packed and storage.is_dir(previous_shards):
+        storage.delete(previous_shards)
+    return uri
 
 
 def _report_collection(source: str, collected: Collected) -> None:

@@ -137,19 +137,11 @@ def _blobs(rng: np.random.Generator, count: int, spread: float, sigma: tuple[flo
     )
 
 
-def _sample_lesion(label: int, rng: np.random.Generator) -> _Lesion:
-    name = SYNTHETIC_CLASSES[label]
-    style = _STYLES[name]
-    radius = rng.uniform(*style.radius)
-    k = _HARMONICS
-    amplitudes = np.where(
-        k <= 3,
-        rng.uniform(*style.asymmetry, k.size),
-        rng.uniform(*style.irregularity, k.size) * np.sqrt(4.0 / k) * rng.uniform(0.3, 1.0, k.size),
-    )
-    colour = _mix(style.colour_dark, style.colour_light, rng.uniform()) + rng.normal(0, 6, 3)
+def _class_features(name: str, rng: np.random.Generator, radius: float, colour: np.ndarray, centre_shade: float
+                    ) -> tuple[np.ndarray, float, float, float]:
+    """(colour patches, pigment network, ridges, centre shade) that mark the class (drawn in a fixed order: the
+    dataset is a function of its seed)."""
     network = ridges = 0.0
-    centre_shade = rng.uniform(-0.05, 0.12)
     if name == "nevus":
         blobs = _blobs(rng, rng.integers(0, 3), 0.25 * radius, (0.2 * radius, 0.4 * radius),
                        [colour * 0.8, colour * 1.1], (0.2, 0.4))  # fmt: skip
@@ -179,6 +171,22 @@ def _sample_lesion(label: int, rng: np.random.Generator) -> _Lesion:
         blobs = _blobs(
             rng, rng.integers(4, 10), 0.6 * radius, (0.12 * radius, 0.24 * radius), lacunae, (0.6, 0.9)
         )
+    return blobs, network, ridges, centre_shade
+
+
+def _sample_lesion(label: int, rng: np.random.Generator) -> _Lesion:
+    name = SYNTHETIC_CLASSES[label]
+    style = _STYLES[name]
+    radius = rng.uniform(*style.radius)
+    k = _HARMONICS
+    amplitudes = np.where(
+        k <= 3,
+        rng.uniform(*style.asymmetry, k.size),
+        rng.uniform(*style.irregularity, k.size) * np.sqrt(4.0 / k) * rng.uniform(0.3, 1.0, k.size),
+    )
+    colour = _mix(style.colour_dark, style.colour_light, rng.uniform()) + rng.normal(0, 6, 3)
+    centre_shade = rng.uniform(-0.05, 0.12)
+    blobs, network, ridges, centre_shade = _class_features(name, rng, radius, colour, centre_shade)
     return _Lesion(
         label=label,
         radius=radius,
@@ -232,43 +240,68 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _render(lesion: _Lesion, view: _View, size: int) -> Image.Image:
     """Rasterise one view of a lesion to a ``size`` x ``size`` RGB image."""
-    # float32 throughout: the whole dataset has to render in seconds, and 8-bit output needs no more.
-    f32 = np.float32
     x, y = _grid(size)
-    # Image coordinates -> lesion coordinates (undo the view's shift, zoom and rotation).
-    c, s = math.cos(view.angle), math.sin(view.angle)
-    px, py = (x - f32(view.shift[0])) / f32(view.zoom), (y - f32(view.shift[1])) / f32(view.zoom)
-    u, v = f32(c) * px + f32(s) * py, f32(-s) * px + f32(c) * py
+    u, v = _lesion_coordinates(x, y, view)
     rho = np.hypot(u, v)
-    theta = np.arctan2(v, u)
+    mask, edge = _lesion_mask(lesion, view, size, rho, np.arctan2(v, u))
+    colour = _lesion_colour(lesion, view, size, u, v, rho, edge)
+    # Skin: the patient's tone with smooth blotchiness (a 4x4 grid of offsets upsampled bicubically, stored
+    # around 128 in an 8-bit image).
+    grid = Image.fromarray(np.clip(np.rint(view.texture + 128.0), 0, 255).astype(np.uint8), "RGB")
+    skin = np.asarray(grid.resize((size, size), Image.Resampling.BICUBIC), dtype=F32) + (
+        lesion.skin - 128.0
+    ).astype(F32)
+    out = _photograph(skin + mask[..., None] * (colour - skin), view, x, y)
+    _draw_hairs(out, view, size)
+    return out
 
-    # Shape: a radius that varies with the angle (low harmonics: asymmetry; high: ragged border). Radius and
-    # blur are smooth functions of the angle, so they are tabulated once per image and looked up per pixel
-    # (half-degree steps are well below a pixel along the border).
+
+# float32 throughout: the whole dataset has to render in seconds, and 8-bit output needs no more.
+F32 = np.float32
+
+
+def _lesion_coordinates(x: np.ndarray, y: np.ndarray, view: _View) -> tuple[np.ndarray, np.ndarray]:
+    """Image coordinates -> lesion coordinates (undo the view's shift, zoom and rotation)."""
+    c, s = math.cos(view.angle), math.sin(view.angle)
+    px, py = (x - F32(view.shift[0])) / F32(view.zoom), (y - F32(view.shift[1])) / F32(view.zoom)
+    return F32(c) * px + F32(s) * py, F32(-s) * px + F32(c) * py
+
+
+def _lesion_mask(lesion: _Lesion, view: _View, size: int, rho: np.ndarray, theta: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(the soft lesion mask, the border radius per pixel).
+
+    A radius that varies with the angle (low harmonics: asymmetry; high: ragged border). Radius and blur are
+    smooth functions of the angle, so they are tabulated once per image and looked up per pixel (half-degree
+    steps are well below a pixel along the border)."""
     table = np.linspace(-math.pi, math.pi, _ANGLE_TABLE)
-    slot = np.rint((theta + f32(math.pi)) * f32((_ANGLE_TABLE - 1) / (2 * math.pi))).astype(np.intp)
+    slot = np.rint((theta + F32(math.pi)) * F32((_ANGLE_TABLE - 1) / (2 * math.pi))).astype(np.intp)
     wobble = np.cos(table[:, None] * _HARMONICS + lesion.phases) @ lesion.amplitudes
-    edge = (lesion.radius * np.maximum(1.0 + wobble, 0.3)).astype(f32)[slot]
+    edge = (lesion.radius * np.maximum(1.0 + wobble, 0.3)).astype(F32)[slot]
     pixel = 2.0 / size / view.zoom
     blur = lesion.softness * (1.0 + lesion.softness_variation * np.cos(table - lesion.softness_phase))
-    soft = np.maximum(blur, 0.6 * pixel).astype(f32)[slot]
-    mask = f32(1.0) / (f32(1.0) + np.exp(np.clip((rho - edge) / soft, -50, 50)))
+    soft = np.maximum(blur, 0.6 * pixel).astype(F32)[slot]
+    return F32(1.0) / (F32(1.0) + np.exp(np.clip((rho - edge) / soft, -50, 50))), edge
 
-    # Lesion colour: base, shaded towards the centre, then texture and colour patches.
-    shade = f32(1.0) - f32(lesion.centre_shade) * np.clip(f32(1.0) - rho / edge, 0.0, 1.0)
+
+def _lesion_colour(lesion: _Lesion, view: _View, size: int, u: np.ndarray, v: np.ndarray, rho: np.ndarray,
+                   edge: np.ndarray) -> np.ndarray:
+    """Lesion colour: base, shaded towards the centre, then pigment network, ridges and colour patches."""
+    shade = F32(1.0) - F32(lesion.centre_shade) * np.clip(F32(1.0) - rho / edge, 0.0, 1.0)
     if lesion.network:
         # A pigment network: dark lines along a slightly warped grid, light holes between them.
-        f = f32(lesion.network_freq / 2)
-        gu = np.abs(np.sin(f * u + f32(lesion.network_phase[0]) + f32(0.8) * np.sin(f32(7.0) * v)))
-        gv = np.abs(np.sin(f * v + f32(lesion.network_phase[1]) + f32(0.8) * np.sin(f32(7.0) * u)))
-        shade *= f32(1.0) - f32(lesion.network) * np.clip(f32(1.0) - np.minimum(gu, gv) / f32(0.35), 0.0, 1.0)
+        f = F32(lesion.network_freq / 2)
+        gu = np.abs(np.sin(f * u + F32(lesion.network_phase[0]) + F32(0.8) * np.sin(F32(7.0) * v)))
+        gv = np.abs(np.sin(f * v + F32(lesion.network_phase[1]) + F32(0.8) * np.sin(F32(7.0) * u)))
+        shade *= F32(1.0) - F32(lesion.network) * np.clip(F32(1.0) - np.minimum(gu, gv) / F32(0.35), 0.0, 1.0)
     if lesion.ridges:
-        ca, sa = f32(math.cos(lesion.ridge_angle)), f32(math.sin(lesion.ridge_angle))
+        ca, sa = F32(math.cos(lesion.ridge_angle)), F32(math.sin(lesion.ridge_angle))
         along, across = u * ca + v * sa, v * ca - u * sa
-        shade *= f32(1.0) + f32(lesion.ridges) * np.sin(
-            f32(lesion.ridge_freq) * along + 2.5 * np.sin(9.0 * across)
+        shade *= F32(1.0) + F32(lesion.ridges) * np.sin(
+            F32(lesion.ridge_freq) * along + 2.5 * np.sin(9.0 * across)
         )
-    colour = lesion.colour.astype(f32) * shade[..., None]
+    colour = lesion.colour.astype(F32) * shade[..., None]
+    c, s = math.cos(view.angle), math.sin(view.angle)
     for bx, by, sigma, r, g, b, alpha in lesion.blobs:
         # Only the pixels within 3 sigma matter: most blobs are small dots, so update just their window.
         ix = ((c * bx - s * by) * view.zoom + view.shift[0] + 1.0) * size / 2.0
@@ -279,40 +312,37 @@ def _render(lesion: _Lesion, view: _View, size: int) -> Image.Image:
         if x0 >= x1 or y0 >= y1:
             continue
         window = (slice(y0, y1), slice(x0, x1))
-        d2 = (u[window] - f32(bx)) ** 2 + (v[window] - f32(by)) ** 2
-        weight = f32(alpha) * np.exp(d2 * f32(-0.5 / (sigma * sigma)))
-        colour[window] += weight[..., None] * (np.array([r, g, b], f32) - colour[window])
+        d2 = (u[window] - F32(bx)) ** 2 + (v[window] - F32(by)) ** 2
+        weight = F32(alpha) * np.exp(d2 * F32(-0.5 / (sigma * sigma)))
+        colour[window] += weight[..., None] * (np.array([r, g, b], F32) - colour[window])
+    return colour
 
-    # Skin: the patient's tone with smooth blotchiness (a 4x4 grid of offsets upsampled bicubically, stored
-    # around 128 in an 8-bit image).
-    grid = Image.fromarray(np.clip(np.rint(view.texture + 128.0), 0, 255).astype(np.uint8), "RGB")
-    skin = np.asarray(grid.resize((size, size), Image.Resampling.BICUBIC), dtype=f32) + (
-        lesion.skin - 128.0
-    ).astype(f32)
-    img = skin + mask[..., None] * (colour - skin)
 
-    # Photo: lighting gradient, dermatoscope vignette, white balance and sensor noise.
-    light = f32(1.0) + f32(view.light_gain) * (
-        x * f32(math.cos(view.light_angle)) + y * f32(math.sin(view.light_angle))
+def _photograph(img: np.ndarray, view: _View, x: np.ndarray, y: np.ndarray) -> Image.Image:
+    """The photo of the scene: lighting gradient, dermatoscope vignette, white balance and sensor noise."""
+    light = F32(1.0) + F32(view.light_gain) * (
+        x * F32(math.cos(view.light_angle)) + y * F32(math.sin(view.light_angle))
     )
-    light *= np.clip(f32(1.0) - (np.hypot(x, y) - f32(view.vignette_radius)) / f32(0.15), 0.0, 1.0)
+    light *= np.clip(F32(1.0) - (np.hypot(x, y) - F32(view.vignette_radius)) / F32(0.15), 0.0, 1.0)
     img *= light[..., None]
-    img *= view.white_balance.astype(f32)
-    noise = np.random.default_rng(view.noise_seed).standard_normal(img.shape, dtype=f32)
-    img += f32(view.noise_sigma) * noise
-    out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+    img *= view.white_balance.astype(F32)
+    noise = np.random.default_rng(view.noise_seed).standard_normal(img.shape, dtype=F32)
+    img += F32(view.noise_sigma) * noise
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
-    if len(view.hairs):
-        draw = ImageDraw.Draw(out)
-        width = max(1, round(size / 110))
-        t = np.linspace(0.0, 1.0, 24)[:, None]
-        for x0, y0, x1, y1, x2, y2, dark in view.hairs:
-            # A quadratic Bezier curve: hairs are gently bent strands crossing the field.
-            pts = (1 - t) ** 2 * (x0, y0) + 2 * (1 - t) * t * (x1, y1) + t**2 * (x2, y2)
-            pts = (pts + 1.0) * (size / 2.0)
-            colour_rgb = (int(dark), int(dark * 0.8), int(dark * 0.7))
-            draw.line([tuple(p) for p in pts], fill=colour_rgb, width=width)
-    return out
+
+def _draw_hairs(out: Image.Image, view: _View, size: int) -> None:
+    if not len(view.hairs):
+        return
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(size / 110))
+    t = np.linspace(0.0, 1.0, 24)[:, None]
+    for x0, y0, x1, y1, x2, y2, dark in view.hairs:
+        # A quadratic Bezier curve: hairs are gently bent strands crossing the field.
+        pts = (1 - t) ** 2 * (x0, y0) + 2 * (1 - t) * t * (x1, y1) + t**2 * (x2, y2)
+        pts = (pts + 1.0) * (size / 2.0)
+        colour_rgb = (int(dark), int(dark * 0.8), int(dark * 0.7))
+        draw.line([tuple(p) for p in pts], fill=colour_rgb, width=width)
 
 
 def render_lesion(label: int, rng: np.random.Generator, size: int = 96) -> Image.Image:

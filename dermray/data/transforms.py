@@ -19,6 +19,9 @@ from dataclasses import dataclass, fields
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ValidationError
+
+from dermray.config import AugmentConfig, DataConfig
 
 # Ray Data and the DataLoader already run one decode per CPU: OpenCV's own thread pool would oversubscribe them.
 cv2.setNumThreads(1)
@@ -164,6 +167,16 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
 
 
+def _check_config_ranges(section: type[BaseModel], values: dict) -> None:
+    """Raise ValueError naming the field when ``values`` break ``section``'s range constraints."""
+    try:
+        section.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = first["loc"][0]
+        raise ValueError(f"{name}: {first['msg'].lower()}, got {values[name]!r}") from None
+
+
 def _check_image_size(image_size: object) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
@@ -216,17 +229,11 @@ class TrainPreset:
                 value = getattr(self, f.name)
                 if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
                     raise ValueError(f"{f.name} must be a number, got {value!r}")
-        _check_range("scale_min", self.scale_min, 0.0, 1.0, low_open=True)
         _check_range("ratio_min", self.ratio_min, 0.0, math.inf, low_open=True)
         _check_range("ratio_max", self.ratio_max, self.ratio_min, math.inf)
-        _check_range("rotation_degrees", self.rotation_degrees, 0.0, 180.0)
-        _check_range("hflip_p", self.hflip_p, 0.0, 1.0)
-        _check_range("rot90_p", self.rot90_p, 0.0, 1.0)
-        _check_range("vflip_p", self.vflip_p, 0.0, 1.0)
-        _check_range("brightness", self.brightness, 0.0, 1.0)
-        _check_range("contrast", self.contrast, 0.0, 1.0)
-        _check_range("saturation", self.saturation, 0.0, 1.0)
-        _check_range("hue", self.hue, 0.0, 0.5)
+        # The strengths' ranges have one home, the experiment config's AugmentConfig (which also documents them).
+        _check_config_ranges(AugmentConfig, {name: float(getattr(self, name)) for name in AugmentConfig.model_fields
+                                             if name != "crop"})
 
     def _angle(self, rng: np.random.Generator) -> float:
         return (
@@ -339,7 +346,9 @@ class EvalPreset:
 
     def __post_init__(self) -> None:
         _check_image_size(self.image_size)
-        _check_range("resize_ratio", self.resize_ratio, 0.0, 1.0, low_open=True)
+        if isinstance(self.resize_ratio, bool) or not isinstance(self.resize_ratio, int | float | np.number):
+            raise ValueError(f"resize_ratio must be a number, got {self.resize_ratio!r}")
+        _check_config_ranges(DataConfig, {"resize_ratio": float(self.resize_ratio)})
 
     @property
     def resize_size(self) -> int:

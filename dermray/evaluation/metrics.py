@@ -147,6 +147,23 @@ def _headline(probs: np.ndarray, labels: np.ndarray, classes: list[str], tree, m
     return out
 
 
+def validation_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """The per-epoch validation metrics of training, computed as evaluation computes them, under the names the
+    per-epoch reports use (``val_<name>``): accuracy, balanced_accuracy (ISIC's, ties never correct), loss (log
+    loss) and roc_auc (the macro one-vs-rest AUC; absent when fewer than two classes are present)."""
+    if len(labels) == 0:
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "loss": float("nan")}
+    metrics = {
+        "accuracy": float(accuracy_score(labels, probs.argmax(axis=1))),
+        "balanced_accuracy": balanced_accuracy(probs, labels),
+        "loss": float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=list(range(num_classes)))),
+    }
+    auc = macro_ovr_auc(probs, labels)
+    if auc is not None:
+        metrics["roc_auc"] = auc
+    return metrics
+
+
 def bootstrap_intervals(
     probs: np.ndarray, labels: np.ndarray, headline: Callable[[np.ndarray, np.ndarray], dict],
     resamples: int = 200, seed: int = 0, level: float = 0.95,

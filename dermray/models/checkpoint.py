@@ -2,7 +2,10 @@
 
 * ``state.pt``: weights, optimizer and scheduler state, epoch, phase, class names, taxonomy tree, melanoma class,
   the resolved config and the per-epoch history, as plain tensors and containers;
-* ``meta.json``: epoch, phase, backbone, classes, taxonomy and the epoch's validation metrics (cheap to read).
+* ``meta.json``: epoch, phase, backbone, input geometry, classes, taxonomy, config, the epoch's validation
+  metrics and the per-epoch history (cheap to read).
+
+``write_checkpoint`` writes both (the train loop's only way to), the readers below read them.
 
 Loading never unpickles code: ``torch.load(weights_only=True)`` accepts tensors and plain containers only.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,6 +49,66 @@ def read_checkpoint_meta(checkpoint_uri: str) -> dict:
     if not storage.exists(uri):
         raise DermrayError(f"checkpoint: no {META_FILE} in {checkpoint_uri} (pass a checkpoint_* folder of a run)")
     return json.loads(storage.read_text(uri))
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a checkpoint is a model of, beyond its weights: written into every checkpoint of a run."""
+
+    classes: list[str]
+    taxonomy: dict[str, list[str]] | None
+    melanoma_class: str | None
+    config: dict  # the resolved experiment config, as JSON
+
+
+def write_checkpoint(directory: str, identity: ModelIdentity, model: nn.Module, optimizer, scheduler, epoch: int,
+                     phase: str, metrics: dict, history: list[dict]) -> None:
+    """Write ``state.pt`` (everything needed to resume: weights, optimizer, schedule, epoch; and to serve:
+    classes, taxonomy, config) as plain tensors and containers that ``torch.load(weights_only=True)`` accepts,
+    and ``meta.json`` (what the model is and how it scored, cheap to read) into the local ``directory``."""
+    import torch
+
+    common = {"epoch": epoch, "phase": phase, "classes": identity.classes, "taxonomy": identity.taxonomy,
+              "melanoma_class": identity.melanoma_class, "config": identity.config}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "history": history, **common}
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    model_config = identity.config["model"]
+    # The config is in meta.json too, so that a report can show it without fetching the (large) state.
+    # The history too (a few hundred bytes an epoch): learning curves are drawn from meta.json alone.
+    meta = {"backbone": model_config["backbone"], "image_size": model_config["image_size"],
+            "resize_ratio": identity.config["data"]["resize_ratio"], "metrics": metrics, "history": history,
+            **common}
+    with open(os.path.join(directory, META_FILE), "w") as handle:
+        json.dump(meta, handle, indent=2)
+
+
+def read_history(checkpoint_uri: str) -> list[dict]:
+    """The per-epoch history of the run up to this checkpoint (meta.json; older checkpoints: state.pt)."""
+    meta = read_checkpoint_meta(checkpoint_uri)
+    if "history" in meta:
+        return list(meta["history"])
+    return list(read_checkpoint_state(checkpoint_uri).get("history", []))
+
+
+def read_ray_checkpoint_meta(checkpoint) -> dict:
+    """The ``meta.json`` of a ``ray.train.Checkpoint`` (wherever its filesystem is), without fetching the weights."""
+    import posixpath
+
+    with checkpoint.filesystem.open_input_file(posixpath.join(checkpoint.path, META_FILE)) as handle:
+        return json.loads(handle.read())
+
+
+def warm_start_mismatch(checkpoint_uri: str, backbone: str, classes: list[str]) -> str | None:
+    """Why a checkpoint cannot warm-start a ``backbone`` model of ``classes`` (one line), or None when it can."""
+    if not storage.exists(storage.join(storage.normalize(checkpoint_uri), META_FILE)):
+        return f"no dermray checkpoint at {checkpoint_uri} ({META_FILE} missing)"
+    meta = read_checkpoint_meta(checkpoint_uri)
+    if meta.get("backbone") != backbone:
+        return f"{checkpoint_uri} is a {meta.get('backbone')}, not a {backbone} (set model.backbone to match)"
+    if meta.get("classes") != classes:
+        return f"{checkpoint_uri} was trained on classes {meta.get('classes')}, the manifest has {classes}"
+    return None
 
 
 def input_geometry(checkpoint_uri: str, meta: dict | None = None) -> tuple[int, float]:

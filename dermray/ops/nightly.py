@@ -20,19 +20,22 @@ A run killed anywhere before step 5 leaves the champion untouched; its lock expi
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 import uuid
 
 from dermray import storage
-from dermray.config import Config, NightlyConfig
+from dermray.config import Config, NightlyConfig, SourceFields
 from dermray.data.listing import list_data_files
 from dermray.data.manifest import manifest_uri
 from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from dermray.errors import DermrayError
-from dermray.models.checkpoint import META_FILE
+from dermray.evaluation.evaluate import evaluate
+from dermray.models.checkpoint import warm_start_mismatch
 from dermray.ops.registry import Registry, utc_stamp
+from dermray.ray_runtime import ensure_ray
+from dermray.train.trainer import train
 
 
 def _log(message: str) -> None:
@@ -60,13 +63,8 @@ def source_fingerprint(cfg: NightlyConfig) -> dict:
 
 
 def _stage(cfg: NightlyConfig, seed: int) -> dict:
-    from dermray.data.stage import stage
-
-    options = SourceOptions(
-        out=cfg.dataset, images=cfg.images, labels=cfg.labels, npz=cfg.npz, image_col=cfg.image_col,
-        label_col=cfg.label_col, group_col=cfg.group_col, classes=tuple(cfg.classes) if cfg.classes else None,
-        images_per_class=cfg.synthetic_images_per_class, seed=seed,
-    )
+    options = SourceOptions(out=cfg.dataset, images_per_class=cfg.synthetic_images_per_class, seed=seed,
+                            **cfg.model_dump(include=set(SourceFields.model_fields)))
     return stage(cfg.source, options, seed=seed)
 
 
@@ -74,19 +72,14 @@ def _warm_start(champion_checkpoint: str | None, config: Config, classes: list[s
     """The champion checkpoint to start from, when it has the same backbone and classes (else a fresh start)."""
     if not champion_checkpoint:
         return None
-    meta_uri = storage.join(champion_checkpoint, META_FILE)
-    if not storage.exists(meta_uri):
-        return None
-    meta = json.loads(storage.read_text(meta_uri))
-    if meta.get("backbone") != config.model.backbone or meta.get("classes") != classes:
-        _log("the champion's backbone or classes differ from this run's: training the challenger from scratch")
+    mismatch = warm_start_mismatch(champion_checkpoint, config.model.backbone, classes)
+    if mismatch:
+        _log(f"the champion cannot warm-start this run ({mismatch}): training the challenger from scratch")
         return None
     return champion_checkpoint
 
 
 def _holdout_metrics(checkpoint: str, manifest: str, split: str, out: str) -> dict:
-    from dermray.evaluation.evaluate import evaluate
-
     return evaluate(checkpoint=checkpoint, manifest=manifest, split=split, out=out)["metrics"]
 
 
@@ -115,9 +108,6 @@ def decide(cfg: NightlyConfig, challenger: dict, champion: dict | None) -> tuple
 
 def nightly(config: Config) -> dict:
     """One nightly cycle; returns the JSON summary (promoted, champion, challenger, reason, ...)."""
-    from dermray.ray_runtime import ensure_ray
-    from dermray.train.trainer import train
-
     cfg = config.nightly
     registry = Registry(cfg.registry)
     run = f"nightly-{utc_stamp()}-{uuid.uuid4().hex[:6]}"
@@ -133,23 +123,11 @@ def nightly(config: Config) -> dict:
             return {"promoted": False, "champion": champion_checkpoint, "challenger": None,
                     "reason": "no new or changed images since the last run", "run": None,
                     "registry": registry.root, "seconds": round(time.monotonic() - started, 1)}
-
         ensure_ray()
         _log(f"run {run}: re-staging {cfg.source} into {cfg.dataset}")
         staged = _stage(cfg, config.train.seed)
         manifest = manifest_uri(cfg.dataset)
-        warm = _warm_start(champion_checkpoint, config, staged["classes"])
-        # The trainer sizes the images from the staged manifest's source (a nightly config names no manifest).
-        train_config = config.model_copy(update={
-            "data": config.data.model_copy(update={"manifest": manifest}),
-            "model": config.model.model_copy(update={"init_checkpoint": warm, "weights": None if warm else
-                                                     config.model.weights}),
-            "run": config.run.model_copy(update={"name": run}),
-        })
-        _log(f"training challenger {run}" + (f" from the champion {warm}" if warm else ""))
-        trained = train(train_config)
-        challenger_checkpoint = trained["checkpoint"]
-
+        challenger_checkpoint, warm = _train_challenger(config, run, manifest, staged["classes"], champion_checkpoint)
         reports = storage.join(registry.root, "reports", run)
         challenger_metrics = _holdout_metrics(challenger_checkpoint, manifest, cfg.holdout_split,
                                               storage.join(reports, "challenger"))
@@ -162,14 +140,13 @@ def nightly(config: Config) -> dict:
                       "previous": champion_checkpoint}
             if not registry.promote(record, replacing=champion):
                 promote, reason = False, "another run replaced the champion first; keeping theirs"
-        decision = {
+        registry.record({
             "run": run, "promoted": promote, "reason": reason, "challenger": challenger_checkpoint,
             "champion_before": champion_checkpoint, "warm_start": warm, "metric": cfg.metric, "margin": cfg.margin,
             "challenger_metrics": challenger_metrics, "champion_metrics": champion_metrics,
             "images": staged["images"], "new_images": staged["images"] - (seen or {}).get("images", 0),
             "reports": reports, "decided_at": utc_stamp(),
-        }
-        registry.record(decision)
+        })
         registry.set_data_state({**fingerprint, "images": staged["images"], "run": run})
         _log(("promoted " if promote else "kept the champion: ") + reason)
         final = registry.champion()
@@ -180,3 +157,18 @@ def nightly(config: Config) -> dict:
                 "registry": registry.root, "seconds": round(time.monotonic() - started, 1)}
     finally:
         registry.release(lock)
+
+
+def _train_challenger(config: Config, run: str, manifest: str, classes: list[str],
+                      champion_checkpoint: str | None) -> tuple[str, str | None]:
+    """(the challenger's best checkpoint, the champion checkpoint it warm-started from or None)."""
+    warm = _warm_start(champion_checkpoint, config, classes)
+    # The trainer sizes the images from the staged manifest's source (a nightly config names no manifest).
+    train_config = config.model_copy(update={
+        "data": config.data.model_copy(update={"manifest": manifest}),
+        "model": config.model.model_copy(update={"init_checkpoint": warm, "weights": None if warm else
+                                                 config.model.weights}),
+        "run": config.run.model_copy(update={"name": run}),
+    })
+    _log(f"training challenger {run}" + (f" from the champion {warm}" if warm else ""))
+    return train(train_config)["checkpoint"], warm

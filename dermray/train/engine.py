@@ -1,4 +1,4 @@
-"""Plain PyTorch training pieces (no Ray here): optimizers, schedules, one epoch of training, evaluation.
+"""Plain PyTorch training pieces (no Ray here): optimizers, schedules, one epoch of training, prediction.
 
 ``train_one_epoch`` and ``evaluate`` take any iterable of ``{"image": uint8 NHWC, "label": int64}`` batches,
 so they run the same under Ray Train, in a benchmark, or in a unit test with a list of tensors.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -96,8 +96,10 @@ def train_one_epoch(
     amp: str = "auto",
     aux_loss_weight: float = 0.4,
     after_train_mode=None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> EpochStats:
-    """One pass over ``batches``; returns the mean loss and the images/s of this worker."""
+    """One pass over ``batches``; returns the mean loss and the images/s of this worker. ``on_batch`` is called
+    with each batch's image count after its step (a progress line)."""
     model.train()
     if after_train_mode is not None:
         after_train_mode(model)  # e.g. keep a frozen backbone's BatchNorm statistics fixed
@@ -118,6 +120,8 @@ def train_one_epoch(
         scheduler.step()
         total_loss += loss.detach().float() * len(labels)
         seen += len(labels)
+        if on_batch is not None:
+            on_batch(len(labels))
     return EpochStats(float(total_loss) / max(seen, 1), seen, time.perf_counter() - started)
 
 
@@ -138,27 +142,3 @@ def predict(
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(probs), np.concatenate(labels)
-
-
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """accuracy, balanced accuracy (mean recall over the classes present: the ISIC 2019 metric), log loss, and
-    macro one-vs-rest ROC AUC over the classes present (when at least two are)."""
-    from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
-
-    if len(labels) == 0:
-        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "loss": float("nan")}
-    predicted = probs.argmax(axis=1)
-    all_classes = list(range(num_classes))
-    metrics = {
-        "accuracy": float((predicted == labels).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-        "loss": float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=all_classes)),
-    }
-    present = np.unique(labels)
-    if len(present) >= 2:
-        if num_classes == 2:
-            metrics["roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
-        else:
-            aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
-            metrics["roc_auc"] = float(np.mean(aucs))
-    return metrics

@@ -19,9 +19,10 @@ from dermray.data.manifest import Manifest, manifest_uri, read_manifest
 from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.models.backbones import build_model
-from dermray.models.checkpoint import META_FILE
+from dermray.models.checkpoint import ModelIdentity, read_history, warm_start_mismatch
 from dermray.taxonomy import melanoma_class, taxonomy_tree
-from dermray.train.worker import train_loop_per_worker
+from dermray.train.sizing import cpus_per_worker
+from dermray.train.worker import WorkerInputs, train_loop_per_worker
 
 
 def embedded_manifest(config: Config) -> str:
@@ -45,31 +46,14 @@ def class_weights(manifest: Manifest, split: str) -> list[float]:
 
 
 def worker_resources(config: Config) -> tuple[dict, int]:
-    """Resources per worker and torch threads: on a CPU cluster, workers shrink so that ``data_cpus`` CPUs
-    stay free for Ray Data's read and decode tasks (2 workers x 1 CPU on a 2-CPU node would hang forever)."""
+    """Resources per worker and torch threads (on a CPU cluster: ``dermray.train.sizing``)."""
     import ray
 
     scaling = config.scaling
     if scaling.use_gpu:
         return {"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker}, max(1, int(scaling.cpus_per_worker))
-    total = ray.cluster_resources().get("CPU", 1.0)
-    free_for_workers = max(total - scaling.data_cpus, 0.1 * scaling.num_workers)
-    cpus = min(scaling.cpus_per_worker, free_for_workers / scaling.num_workers)
-    return {"CPU": round(cpus, 3)}, scaling.torch_threads or max(1, round(cpus))
-
-
-def check_warm_start(checkpoint_uri: str, backbone: str, classes: list[str]) -> None:
-    """Refuse, in one line, a warm-start checkpoint of another architecture or class list."""
-    meta_uri = storage.join(storage.normalize(checkpoint_uri), META_FILE)
-    if not storage.exists(meta_uri):
-        raise DermrayError(f"model.init_checkpoint: no dermray checkpoint at {checkpoint_uri} ({META_FILE} missing)")
-    meta = json.loads(storage.read_text(meta_uri))
-    if meta.get("backbone") != backbone:
-        raise DermrayError(f"model.init_checkpoint: {checkpoint_uri} is a {meta.get('backbone')}, "
-                           f"not a {backbone} (set model.backbone to match)")
-    if meta.get("classes") != classes:
-        raise DermrayError(f"model.init_checkpoint: {checkpoint_uri} was trained on classes {meta.get('classes')}, "
-                           f"the manifest has {classes}")
+    cpus = cpus_per_worker(ray.cluster_resources().get("CPU", 1.0), scaling)
+    return {"CPU": cpus}, scaling.torch_threads or max(1, round(cpus))
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -94,36 +78,13 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
     ``<run>/summary.json``). ``callbacks`` are Ray Train callbacks (a Tune sweep passes its report callback);
     ``continue_from`` is a ``ray.train.Checkpoint`` that a new run starts from (weights, optimizer, schedule and
     epoch counter: a population-based trial taking over another's model); the run's own checkpoints win."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from dermray.ray_runtime import debug_enabled, ensure_ray
-    from dermray.train.callbacks import StopOnInputError
+    from dermray.ray_runtime import ensure_ray
 
     started = time.monotonic()
-    config = config.with_absolute_paths()
-    # Everything that can refuse the run (manifest, warm-start checkpoint) is checked before Ray starts: a
-    # mistyped path is a one-line error in the time Python takes to import, not after a cluster start-up.
-    manifest_location = config.data.manifest or embedded_manifest(config)
-    manifest = read_manifest(manifest_location)
-    # Resolve the defaults that depend on the data, so the saved config (and every checkpoint) says what ran.
-    config = config.with_manifest(manifest_uri(manifest_location), manifest.source)
-    untrainable = preflight(config, manifest)
-    size = config.image_size
-    augment_preset = train_preset(size, config.data.augment)
-    eval_preset = EvalPreset(image_size=size, resize_ratio=config.data.resize_ratio)
-    balanced = config.train.imbalance == "balanced_sampling"
+    config, manifest, untrainable = _checked_inputs(config)
     ensure_ray()
-    # With tqdm installed, Ray Data draws its progress bars from the datasets' split coordinators (Ray workers)
-    # through log_to_driver: hundreds of broken lines per epoch. Without Ray's tqdm it logs progress at INFO
-    # instead, below RAY_DATA_LOG_LEVEL's WARNING; the per-epoch line is training's progress.
-    ray.data.DataContext.get_current().use_ray_tqdm = False
-    datasets = {
-        "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
-                               shuffle=True, balanced=balanced, seed=config.train.seed),
-        "val": build_dataset(manifest, config.data.val_split, eval_preset, config.data.read_threads),
-    }
+    # Built before anything is written: a manifest whose images moved since staging is refused here.
+    datasets = _datasets(config, manifest)
     run_uri = storage.join(storage.normalize(config.run.storage), config.run.name)
     resumed_from = latest_checkpoint(run_uri)
     if resumed_from:
@@ -132,29 +93,94 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
         print(f"[dermray] run '{config.run.name}' continues from the checkpoint {continue_from.path}",
               file=sys.stderr, flush=True)
     storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
-
     resources, threads = worker_resources(config)
-    # S3 through a retrying filesystem: a short outage during a checkpoint upload costs no failure slot.
-    storage_path, storage_filesystem = storage.train_storage(config.run.storage)
+    trainer = _torch_trainer(config, _worker_inputs(config, manifest, threads, continue_from), datasets, resources,
+                             callbacks or [])
+    result = _fit(trainer)
+    summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, config.data.manifest,
+                        config.run.checkpoint_score)
+    summary["classes_without_training_images"] = untrainable
+    summary["curves"] = write_curves(summary, run_uri, config)
+    storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def write_curves(summary: dict, run_uri: str, config: Config) -> str | None:
+    """``<run>/curves.png``: the whole history (resumed epochs included, from the latest checkpoint) with the
+    best checkpoint's epoch marked; None when the run has no checkpoint to read it from."""
+    from dermray.evaluation.curves import curves_figure
+
+    latest = summary.get("latest_checkpoint") or summary.get("checkpoint")
+    if not latest:
+        return None
+    png = curves_figure(read_history(latest), best_epoch=summary["metrics"].get("epoch"),
+                        score=config.run.checkpoint_score[0], title=f"run {config.run.name}")
+    return storage.write_bytes(storage.join(run_uri, "curves.png"), png)
+
+
+def _checked_inputs(config: Config) -> tuple[Config, Manifest, list[str]]:
+    """(the config with its data-dependent defaults resolved, the manifest, the classes with no training image).
+
+    Everything that can refuse the run (manifest, warm-start checkpoint, weights) is checked before Ray starts: a
+    mistyped path is a one-line error in the time Python takes to import, not after a cluster start-up."""
+    config = config.with_absolute_paths()
+    manifest_location = config.data.manifest or embedded_manifest(config)
+    manifest = read_manifest(manifest_location)
+    # Resolve the defaults that depend on the data, so the saved config (and every checkpoint) says what ran.
+    config = config.with_manifest(manifest_uri(manifest_location), manifest.source)
+    return config, manifest, preflight(config, manifest)
+
+
+def _datasets(config: Config, manifest: Manifest) -> dict:
+    import ray.data
+
+    # With tqdm installed, Ray Data draws its progress bars from the datasets' split coordinators (Ray workers)
+    # through log_to_driver: hundreds of broken lines per epoch. Without Ray's tqdm it logs progress at INFO
+    # instead, below RAY_DATA_LOG_LEVEL's WARNING; the per-epoch line is training's progress.
+    ray.data.DataContext.get_current().use_ray_tqdm = False
+    augment_preset = train_preset(config.image_size, config.data.augment)
+    eval_preset = EvalPreset(image_size=config.image_size, resize_ratio=config.data.resize_ratio)
+    return {
+        "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
+                               shuffle=True, balanced=config.train.imbalance == "balanced_sampling",
+                               seed=config.train.seed),
+        "val": build_dataset(manifest, config.data.val_split, eval_preset, config.data.read_threads),
+    }
+
+
+def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_from) -> WorkerInputs:
+    from dermray.ray_runtime import debug_enabled
+
     train_rows = manifest.split(config.data.train_split).num_rows
-    loop_config = {
-        "config": config.model_dump(mode="json"),
-        "classes": manifest.classes,
-        "taxonomy": taxonomy_tree(manifest.taxonomy, manifest.classes),
-        "melanoma_class": melanoma_class(manifest.taxonomy, manifest.classes),
-        "class_weights": class_weights(manifest, config.data.train_split)
+    identity = ModelIdentity(
+        classes=manifest.classes, taxonomy=taxonomy_tree(manifest.taxonomy, manifest.classes),
+        melanoma_class=melanoma_class(manifest.taxonomy, manifest.classes), config=config.model_dump(mode="json"),
+    )
+    return WorkerInputs(
+        identity=identity,
+        train_rows=train_rows,
+        class_weights=class_weights(manifest, config.data.train_split)
         if config.train.imbalance == "weighted_loss" else None,
-        "train_rows": train_rows,
         # The last partial batch is dropped (a batch of one breaks BatchNorm), unless a pilot collection's
         # split is smaller than one batch: then that partial batch is all there is to train on.
-        "drop_last": train_rows >= config.train.batch_size * config.scaling.num_workers,
-        "torch_threads": threads,
-        "continue_from": continue_from,
-        "debug": debug_enabled(),
-    }
-    trainer = TorchTrainer(
+        drop_last=train_rows >= config.train.batch_size * config.scaling.num_workers,
+        torch_threads=threads,
+        continue_from=continue_from,
+        debug=debug_enabled(),
+    )
+
+
+def _torch_trainer(config: Config, inputs: WorkerInputs, datasets: dict, resources: dict, callbacks: list):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dermray.train.callbacks import StopOnInputError
+
+    # S3 through a retrying filesystem: a short outage during a checkpoint upload costs no failure slot.
+    storage_path, storage_filesystem = storage.train_storage(config.run.storage)
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"inputs": inputs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
             resources_per_worker=resources, placement_strategy=config.scaling.placement_strategy,
@@ -163,7 +189,7 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
             name=config.run.name,
             storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            callbacks=[*(callbacks or []), StopOnInputError(debug_enabled())],
+            callbacks=[*callbacks, StopOnInputError(inputs.debug)],
             # Ray Train's own per-report INFO lines drown the per-epoch progress line; warnings still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -174,18 +200,18 @@ def train(config: Config, callbacks: list | None = None, continue_from=None) -> 
         ),
         datasets=datasets,
     )
+
+
+def _fit(trainer):
+    import ray.train
+
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as error:
         cause = getattr(error, "controller_failure", None)
         if isinstance(cause, DermrayError):  # the input's fault, stopped at once by StopOnInputError
             raise DermrayError(str(cause)) from None
         raise DermrayError(f"training failed: {failure_reason(error)}") from None
-    summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, manifest_uri(manifest_location),
-                        config.run.checkpoint_score)
-    summary["classes_without_training_images"] = untrainable
-    storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
-    return summary
 
 
 def preflight(config: Config, manifest: Manifest) -> list[str]:
@@ -211,7 +237,9 @@ def preflight(config: Config, manifest: Manifest) -> list[str]:
         # The workers load the same file the same way; a bad one is refused here in seconds.
         build_model(config.model.backbone, len(manifest.classes), config.model.weights)
     if config.model.init_checkpoint:
-        check_warm_start(config.model.init_checkpoint, config.model.backbone, manifest.classes)
+        mismatch = warm_start_mismatch(config.model.init_checkpoint, config.model.backbone, manifest.classes)
+        if mismatch:
+            raise DermrayError(f"model.init_checkpoint: {mismatch}")
     return untrainable
 
 

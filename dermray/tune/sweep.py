@@ -15,18 +15,34 @@ epochs, status, checkpoint), ``sweep.png`` (the metric against each searched hyp
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import re
 import sys
 import time
+import uuid
 import warnings
+
+import pandas as pd
+import ray
+import ray.tune
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from dermray import storage
 from dermray.config import Config, SearchDimension, TuneSection, config_from_dict, set_dotted, to_yaml
+from dermray.data.manifest import read_manifest
 from dermray.errors import DermrayError
-from dermray.models.checkpoint import META_FILE
+from dermray.models.checkpoint import read_ray_checkpoint_meta
+from dermray.ray_runtime import ensure_ray
+from dermray.train.sizing import cpus_per_worker, free_cpus
+from dermray.train.trainer import embedded_manifest, train
+from dermray.tune.bridge import train_reporting_to_tune
+from dermray.tune.checkpoints import KeepRecentAndPendingCheckpoints
+from dermray.tune.pbt import PopulationBasedTrainingBeforeLastEpoch
 
 RESULTS = "trials.csv"
 TRIAL_CPU = 0.01  # the trial's driver only waits on its TorchTrainer, whose workers hold the real resources
@@ -35,8 +51,6 @@ BEST_CONFIG = "best_config.yaml"
 
 
 def _sampler(dimension: SearchDimension):
-    from ray import tune
-
     if dimension.type == "loguniform":
         return tune.loguniform(dimension.low, dimension.high)
     if dimension.type == "uniform":
@@ -72,12 +86,6 @@ def clip_to_space(config: dict, bounds: dict[str, tuple[float, float]]) -> dict:
 
 
 def _scheduler(settings: TuneSection, epochs: int):
-    import functools
-
-    from ray.tune.schedulers import ASHAScheduler
-
-    from dermray.tune.pbt import PopulationBasedTrainingBeforeLastEpoch
-
     if settings.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(settings.grace_period,
                              epochs), reduction_factor=settings.reduction_factor)
@@ -122,12 +130,11 @@ def concurrency(config: Config, cluster: dict) -> tuple[int, float]:
                                f"cluster has {cluster.get('GPU', 0):g}")
         trials = min(fit, config.tune.max_concurrent_trials or fit)
         return trials, config.scaling.cpus_per_worker
-    free = max(cluster.get("CPU", 1.0) - config.scaling.data_cpus, 0.1 * workers)
-    fit = max(1, math.floor(free / (workers * config.scaling.cpus_per_worker)))
+    cluster_cpus = cluster.get("CPU", 1.0)
+    fit = max(1, math.floor(free_cpus(cluster_cpus, config.scaling) / (workers * config.scaling.cpus_per_worker)))
     trials = min(fit, config.tune.max_concurrent_trials or fit)
     # Each trial's driver holds TRIAL_CPU too: leave it out, or Ray Data is left 0.99 CPU and never schedules.
-    share = (free - trials * TRIAL_CPU) / (trials * workers)
-    return trials, math.floor(min(config.scaling.cpus_per_worker, share) * 1000) / 1000
+    return trials, cpus_per_worker(cluster_cpus, config.scaling, trials, reserved=trials * TRIAL_CPU)
 
 
 def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints: bool) -> None:
@@ -137,13 +144,6 @@ def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints:
     a checkpoint (another trial's, after an exploit step; its own, after a pause or an interrupted sweep) trains a
     new Train run continuing that checkpoint with this trial's current hyperparameters. Without it (ASHA), a
     relaunched trial resumes its own Train run from that run's latest checkpoint."""
-    import uuid
-
-    import ray.tune
-
-    from dermray.train.trainer import train
-    from dermray.tune.bridge import train_reporting_to_tune
-
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, sampled["overrides"])
     start = ray.tune.get_checkpoint() if share_checkpoints else None
@@ -164,10 +164,7 @@ def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints:
 def _lineage(checkpoint) -> tuple[str, int]:
     """(trial, epochs done) of the model in a Tune checkpoint: the trial whose Train run saved it, read from its
     meta.json without fetching the weights."""
-    import posixpath
-
-    with checkpoint.filesystem.open_input_file(posixpath.join(checkpoint.path, META_FILE)) as handle:
-        meta = json.loads(handle.read())
+    meta = read_ray_checkpoint_meta(checkpoint)
     return meta["config"]["run"]["name"].split("-")[0], meta["epoch"] + 1
 
 
@@ -231,8 +228,6 @@ def _trial_history(result):
     """Every result a trial reported. Ray 2.60's ``Result.metrics_dataframe`` reads the trial's result.json, which
     lost rows when the trial restarted from a checkpoint (seen with PBT: 2 of 4 epochs left); progress.csv, written
     alongside, kept them all."""
-    import pandas as pd
-
     frame = result.metrics_dataframe
     try:
         with result.filesystem.open_input_stream(f"{result.path}/progress.csv") as handle:
@@ -242,13 +237,12 @@ def _trial_history(result):
     return history if frame is None or len(history) >= len(frame) else frame
 
 
-def _results_table(results, config: Config, sweep_dir: str):
-    import pandas as pd
-
+def _results_table(results, config: Config, sweep_dir: str) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+    """(one row per trial, each trial's reported epochs as records: its learning curve)."""
     metric, mode = config.tune.metric, config.tune.mode
     pick = max if mode == "max" else min
     run_names = [storage.basename(uri) for uri in storage.list_dirs(sweep_dir)]
-    rows = []
+    rows, curves = [], {}
     for result in results:
         history = _trial_history(result)
         last = result.metrics or {}
@@ -258,6 +252,8 @@ def _results_table(results, config: Config, sweep_dir: str):
             # A trial that restarted from another trial's checkpoint and ended before reporting again carries the
             # result that came with that checkpoint: the other trial's figures, not its own.
             last = {}
+        if history is not None and "epoch" in history:
+            curves[trial_id] = history.to_dict("records")
         runs, taken = _trial_runs(run_names, trial_id)
         best_checkpoint = _best_checkpoint([storage.join(sweep_dir, run) for run in runs], metric, mode)
         values = [float(v) for v in (history[metric].dropna() if history is not None and metric in history else [])]
@@ -278,18 +274,26 @@ def _results_table(results, config: Config, sweep_dir: str):
                      # PBT: the checkpoints of other trials this one took over ("<trial>@<epoch>"), in order.
                      "continued": "; ".join(taken),
                      "checkpoint": best_checkpoint[1] if best_checkpoint else None})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), curves
 
 
-def _plot(table, space: dict[str, SearchDimension], metric: str) -> bytes:
+def _plot(table, space: dict[str, SearchDimension], metric: str, curves: dict[str, list[dict]], mode: str,
+          epochs: int) -> bytes:
+    """The best metric of every trial against each searched hyperparameter, and beside them every trial's
+    metric per epoch (a trial ASHA stopped ends early)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    from dermray.evaluation.curves import add_trial_curves
+
     keys = list(space)
-    figure, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(keys) + 1, figsize=(3.4 * len(keys) + 4.8, 3.4), squeeze=False,
+                                width_ratios=[1] * len(keys) + [1.5])
+    add_trial_curves(axes[0][-1], curves, metric, mode, max_epochs=epochs)
+    axes = [axes[0][:-1]]
     colours = {"completed": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
     for axis, key in zip(axes[0], keys):
         for status, group in table.groupby("status"):
@@ -301,7 +305,8 @@ def _plot(table, space: dict[str, SearchDimension], metric: str) -> bytes:
         axis.set(xlabel=key, ylabel=metric if axis is axes[0][0] else None)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"sweep: best {metric} per trial against each searched hyperparameter", fontsize=10)
+    figure.suptitle(f"sweep: best {metric} per trial against each searched hyperparameter, and per epoch",
+                    fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
@@ -310,17 +315,6 @@ def _plot(table, space: dict[str, SearchDimension], metric: str) -> bytes:
 
 def sweep(config: Config) -> dict:
     """Run (or resume) the sweep of ``config.tune``; returns the JSON summary."""
-    import functools
-
-    import ray
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    from dermray.data.manifest import read_manifest
-    from dermray.ray_runtime import ensure_ray
-    from dermray.train.trainer import embedded_manifest
-    from dermray.tune.checkpoints import KeepRecentAndPendingCheckpoints
-
     started = time.monotonic()
     config = config.with_absolute_paths()  # trials run in working directories of their own
     settings: TuneSection = config.tune
@@ -330,60 +324,72 @@ def sweep(config: Config) -> dict:
     manifest = config.data.manifest or embedded_manifest(config)
     read_manifest(manifest)
     ensure_ray()
-    trials_at_once, cpus_per_worker = concurrency(config, ray.cluster_resources())
+    trials_at_once, worker_cpus = concurrency(config, ray.cluster_resources())
     # Each trial's trainer sizes the images from this manifest's source (64 px for the embedded synthetic set).
     base = config.model_copy(update={
         "data": config.data.model_copy(update={"manifest": manifest}),
-        "scaling": config.scaling.model_copy(update={"cpus_per_worker": cpus_per_worker}),
+        "scaling": config.scaling.model_copy(update={"cpus_per_worker": worker_cpus}),
     }).model_dump(mode="json")
-    storage_root = storage.normalize(config.run.storage)
-    sweep_dir = storage.join(storage_root, settings.name)
+    sweep_dir = storage.join(storage.normalize(config.run.storage), settings.name)
+    tuner, resumed = _tuner(settings, base, sweep_dir, trials_at_once)
+    _announce(settings, trials_at_once)
+    with warnings.catch_warnings():
+        # Tune suggests reuse_actors under PBT. A trial's start-up cost is its Train run's worker group, which a
+        # reused trial actor would not save; a reused one would carry a trial's training thread into the next.
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
+        results = tuner.fit()
+    table, curves = _results_table(results, config, sweep_dir)
+    summary = _write_outputs(table, curves, config, base, sweep_dir)
+    return {**summary, "resumed": resumed, "seconds": round(time.monotonic() - started, 1)}
+
+
+def _tuner(settings: TuneSection, base: dict, sweep_dir: str, trials_at_once: int) -> tuple[tune.Tuner, bool]:
+    """(the Tuner, whether it resumes an interrupted sweep of the same name)."""
     pbt = settings.scheduler == "pbt"
     trainable = tune.with_resources(
         functools.partial(_run_trial, base=base, sweep_storage=sweep_dir, share_checkpoints=pbt),
         {"CPU": TRIAL_CPU},
     )
     tune_path = storage.storage_path_for_ray(sweep_dir)
-    resumed = tune.Tuner.can_restore(tune_path)
-    if resumed:
+    if tune.Tuner.can_restore(tune_path):
         print(f"[dermray] tune: resuming the sweep in {sweep_dir}", file=sys.stderr, flush=True)
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"overrides": {key: _sampler(d) for key, d in settings.space.items()}},
-            tune_config=tune.TuneConfig(
-                metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
-                scheduler=_scheduler(settings, base["train"]["epochs"]), reuse_actors=False,
-                trial_dirname_creator=_trial_dirname,
-                # The concurrency cap goes on the generator: Tune ignores max_concurrent_trials next to one.
-                search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=trials_at_once),
-            ),
-            run_config=tune.RunConfig(
-                name=settings.name, storage_path=storage.storage_path_for_ray(storage_root), verbose=1,
-                # Under PBT every epoch's checkpoint is copied into the trial's folder. The callback keeps the last
-                # few (including the one PBT clones, taken at the trial's last perturbation step) and every one a
-                # trial will restart from. Tune's own num_to_keep deletes those too (see tune_checkpoints). Train
-                # keeps its own best checkpoints in the trial's runs.
-                callbacks=[KeepRecentAndPendingCheckpoints(keep=settings.perturbation_interval + 2)] if pbt else None,
-            ),
-        )
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True), True
+    return tune.Tuner(
+        trainable,
+        param_space={"overrides": {key: _sampler(d) for key, d in settings.space.items()}},
+        tune_config=tune.TuneConfig(
+            metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
+            scheduler=_scheduler(settings, base["train"]["epochs"]), reuse_actors=False,
+            trial_dirname_creator=_trial_dirname,
+            # The concurrency cap goes on the generator: Tune ignores max_concurrent_trials next to one.
+            search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=trials_at_once),
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name, storage_path=storage.storage_path_for_ray(storage.parent(sweep_dir)), verbose=1,
+            # Under PBT every epoch's checkpoint is copied into the trial's folder. The callback keeps the last
+            # few (including the one PBT clones, taken at the trial's last perturbation step) and every one a
+            # trial will restart from. Tune's own num_to_keep deletes those too (see tune.checkpoints). Train
+            # keeps its own best checkpoints in the trial's runs.
+            callbacks=[KeepRecentAndPendingCheckpoints(keep=settings.perturbation_interval + 2)] if pbt else None,
+        ),
+    ), False
+
+
+def _announce(settings: TuneSection, trials_at_once: int) -> None:
     print(f"[dermray] tune: {settings.num_samples} sample(s), {trials_at_once} trial(s) at a time, "
           f"metric {settings.metric} ({settings.mode}), scheduler {settings.scheduler}", file=sys.stderr, flush=True)
     population = settings.num_samples * math.prod(len(d.values) for d in settings.space.values() if d.type == "grid")
-    if pbt and population > trials_at_once:
+    if settings.scheduler == "pbt" and population > trials_at_once:
         # Tune creates a trial only when the generator's concurrency cap lets it, so no trial is pending and PBT
         # never pauses a running one to give it a turn; a finished trial drops out of PBT's ranking.
         print(f"[dermray] tune: PBT with {population} trials and room for {trials_at_once} at a time: they run in "
               f"waves of {trials_at_once}, and a trial can only take over checkpoints of trials running beside it "
               "(set num_samples so that the population runs at once)", file=sys.stderr, flush=True)
-    with warnings.catch_warnings():
-        # Tune suggests reuse_actors under PBT. A trial's start-up cost is its Train run's worker group, which a
-        # reused trial actor would not save; a reused one would carry a trial's training thread into the next.
-        warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
-        results = tuner.fit()
 
-    table = _results_table(results, config, sweep_dir)
+
+def _write_outputs(table, curves: dict[str, list[dict]], config: Config, base: dict, sweep_dir: str) -> dict:
+    """trials.csv, sweep.png and best_config.yaml under the sweep's folder; the summary's figures."""
+    settings = config.tune
     scored = table.dropna(subset=[settings.metric])
     if scored.empty:
         first_error = next((e for e in table["error"] if e), "no trial reported a metric")
@@ -395,7 +401,8 @@ def sweep(config: Config) -> dict:
     buffer = io.StringIO()
     table.to_csv(buffer, index=False)
     results_uri = storage.write_text(storage.join(sweep_dir, RESULTS), buffer.getvalue())
-    plot_uri = storage.write_bytes(storage.join(sweep_dir, PLOT), _plot(table, settings.space, settings.metric))
+    plot_uri = storage.write_bytes(storage.join(sweep_dir, PLOT), _plot(
+        table, settings.space, settings.metric, curves, settings.mode, base["train"]["epochs"]))
     best_config_uri = storage.write_text(storage.join(sweep_dir, BEST_CONFIG), to_yaml(best_config))
     return {
         "trials": int(len(table)), "completed": int((table["status"] == "completed").sum()),
@@ -408,6 +415,5 @@ def sweep(config: Config) -> dict:
         "best_checkpoint": best["checkpoint"], "best_config": best_config_uri,
         "best_hyperparameters": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()
                                  if k in settings.space},
-        "results": results_uri, "plot": plot_uri, "resumed": resumed,
-        "seconds": round(time.monotonic() - started, 1),
+        "results": results_uri, "plot": plot_uri,
     }
