@@ -38,7 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from dermray.data.progress import show_data_progress
     from dermray.evaluation.evaluate import evaluate
+
+    show_data_progress()  # Ray Data's own progress bars, on stderr
 
     summary = evaluate(args.checkpoint, args.manifest, args.split, args.out, args.tta, args.bootstrap)
     print(f"[dermray] evaluate: report at {summary['report']}", file=sys.stderr, flush=True)

@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from dermray.data.progress import show_data_progress
     from dermray.evaluation.predict import predict
+
+    show_data_progress()  # Ray Data's own progress bars, on stderr
 
     return predict(args.checkpoint, args.input, args.out, args.tta, args.overwrite)

@@ -59,9 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from dermray.data.progress import show_data_progress
     from dermray.data.sources import SourceOptions
     from dermray.data.splits import SplitFractions
     from dermray.data.stage import stage
+
+    show_data_progress()  # Ray Data's own progress bars, on stderr
 
     try:
         fractions = SplitFractions(1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)

@@ -144,12 +144,24 @@ def curves_figure(history: list[dict], best_epoch: int | None = None, score: str
     given), grey shading over epochs trained by another run (a PBT trial's lineage)."""
     plt = _pyplot()
     data = curve_data(history, score=score, best_epoch=best_epoch)
+    figure, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True, layout="constrained")
+    _draw_series(axes, data, score)
+    _draw_marks(axes, data, score)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8, loc="best")
+    figure.suptitle(title or "learning curves", fontsize=10)
+    return _png(figure)
+
+
+def _draw_series(axes, data: dict, score: str) -> None:
+    """Loss, validation metrics and learning rate, one panel each."""
+    loss_axis, metric_axis, lr_axis = axes
     epochs = data["epoch"]
     metric_keys = [k for k in METRIC_KEYS if any(v is not None for v in data[k])]
     if score not in (*LOSS_KEYS, *metric_keys) and score in data and any(v is not None for v in data[score]):
         metric_keys.append(score)
-    figure, (loss_axis, metric_axis, lr_axis) = plt.subplots(3, 1, figsize=(7, 8), sharex=True,
-                                                            layout="constrained")
     style = {"marker": "o", "ms": 3.5, "lw": 1.6}
     for key, colour in zip(LOSS_KEYS, ("tab:blue", "tab:orange")):
         if any(v is not None for v in data[key]):
@@ -170,7 +182,10 @@ def curves_figure(history: list[dict], best_epoch: int | None = None, score: str
         lr_axis.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
         _epoch_ticks(lr_axis, epochs[0], epochs[-1])
 
-    axes = (loss_axis, metric_axis, lr_axis)
+
+def _draw_marks(axes, data: dict, score: str) -> None:
+    """Another run's epochs shaded, the head -> full boundary dashed, the best epoch dotted with a star."""
+    loss_axis, metric_axis, lr_axis = axes
     for segment in data["inherited_runs"]:
         for axis in axes:
             axis.axvspan(segment["first"] - 0.5, segment["last"] + 0.5, color="grey", alpha=0.15, lw=0)
@@ -182,22 +197,16 @@ def curves_figure(history: list[dict], best_epoch: int | None = None, score: str
             axis.axvline(boundary - 0.5, color="black", ls="--", lw=1)
         lr_axis.text(boundary - 0.5, 0.97, " head → full", transform=lr_axis.get_xaxis_transform(), ha="left",
                      va="top", fontsize=8)
-    best = data["best_epoch"]
-    if best is not None:
-        for axis in axes:
-            axis.axvline(best, color="goldenrod", ls=":", lw=1.4)
-        if best in epochs and score in data:
-            value = data[score][epochs.index(best)]
-            target = loss_axis if score in LOSS_KEYS else metric_axis
-            if value is not None:
-                target.plot([best], [value], "*", color="goldenrod", ms=13, mec="black", zorder=5,
-                            label=f"best {LABELS.get(score, score)} (epoch {best}: {value:.3f})")
+    best, epochs = data["best_epoch"], data["epoch"]
+    if best is None:
+        return
     for axis in axes:
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8, loc="best")
-    figure.suptitle(title or "learning curves", fontsize=10)
-    return _png(figure)
+        axis.axvline(best, color="goldenrod", ls=":", lw=1.4)
+    value = data[score][epochs.index(best)] if best in epochs and score in data else None
+    if value is not None:
+        target = loss_axis if score in LOSS_KEYS else metric_axis
+        target.plot([best], [value], "*", color="goldenrod", ms=13, mec="black", zorder=5,
+                    label=f"best {LABELS.get(score, score)} (epoch {best}: {value:.3f})")
 
 
 def trial_curve_data(trials: dict[str, list[dict]], metric: str, mode: str, max_epochs: int | None = None) -> dict:

@@ -107,6 +107,22 @@ def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
     return figures
 
 
+def _learning_curves(checkpoint: str) -> dict[str, bytes]:
+    """``curves.png`` of the run up to the evaluated checkpoint (its epoch marked), when the history is there."""
+    from dermray.evaluation.curves import curves_figure
+    from dermray.models.checkpoint import read_checkpoint_meta, read_history
+
+    history = read_history(checkpoint)
+    if not history:
+        return {}
+    meta = read_checkpoint_meta(checkpoint)
+    score = ((meta.get("config") or {}).get("run") or {}).get("checkpoint_score", ["val_balanced_accuracy"])[0]
+    epoch = meta.get("epoch")
+    return {"curves.png": curves_figure(history, best_epoch=epoch + 1 if epoch is not None else None, score=score,
+                                        title=f"learning curves up to the evaluated checkpoint (epoch {epoch + 1})"
+                                        if epoch is not None else "learning curves")}
+
+
 def _predictions_table(result: SplitPredictions) -> bytes:
     columns = {"image_uri": result.image_uris, "label": result.labels.astype(np.int32),
                "label_name": [result.classes[i] for i in result.labels],
@@ -155,6 +171,7 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
     metrics.update({"split": split, "tta": tta, "unreadable_images": result.dropped})
     out = storage.normalize(out or storage.join(storage.normalize(checkpoint), f"eval-{split}"))
     figures = _figures(result, metrics)
+    figures.update(_learning_curves(checkpoint))
     for name, png in figures.items():
         storage.write_bytes(storage.join(out, name), png)
     storage.write_bytes(storage.join(out, "predictions.parquet"), _predictions_table(result))
