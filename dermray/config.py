@@ -171,6 +171,11 @@ class RunConfig(_Strict):
     """The validation metric that ranks checkpoints, for retention and for the summary's best ``checkpoint``
     (loss: lowest wins). Balanced accuracy suits imbalanced dermoscopy classes; a recipe judged on accuracy or
     ROC AUC should rank by that."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server (e.g. http://mlflow:5000); none: the MLFLOW_TRACKING_URI variable, else no tracking.
+    Needs the mlflow extra (pip install -e '.[mlflow]'); see docs/tracking.md."""
+    mlflow_experiment: str = "dermray"
+    """The MLflow experiment runs, sweeps and evaluations are logged to."""
 
     @property
     def checkpoint_score(self) -> tuple[str, Literal["max", "min"]]:
@@ -222,6 +227,8 @@ class NightlyConfig(SourceFields):
     """...and only when its sensitivity for the malignant class (through the taxonomy) is at least this."""
     lock_ttl_hours: float = Field(12.0, gt=0.0)
     """A lock older than this is taken to belong to a killed run and is taken over."""
+    mlflow_model_name: str = "dermray"
+    """With MLflow tracking on: the registered model whose alias 'champion' follows every promotion."""
 
     @model_validator(mode="after")
     def _known_source(self) -> NightlyConfig:

@@ -51,7 +51,9 @@ def test_evaluate_writes_metrics_plots_and_report_to_s3(isic_checkpoint, isic201
     assert set(metrics["per_class"]) == set(HAM)
     assert set(metrics["malignant"]["sensitivity_at_specificity"]) == {"0.80", "0.90", "0.95"}
     report = storage.read_text(summary["report"])
-    assert report.count("data:image/png;base64,") == 4 and "balanced accuracy" in report
+    # ROC per class, malignant ROC, confusion, reliability, and the checkpoint's learning curves.
+    assert report.count("data:image/png;base64,") == 5 and "balanced accuracy" in report
+    assert "alt='curves.png'" in report
     assert isic_checkpoint in report and "Model configuration" in report
     assert summary["metrics"]["accuracy"] == metrics["accuracy"]
     assert summary["outputs"]["isic_submission"]["file"] == f"{out}/isic_submission.csv"

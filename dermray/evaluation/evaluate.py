@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from dermray import __version__, storage
 from dermray.data.manifest import Manifest, manifest_uri, read_manifest
 from dermray.errors import DermrayError
+from dermray.ops import run_tracking
 from dermray.taxonomy import MALIGNANT, IsicFormat, isic_format
 
 HEADLINE_KEYS = ("images", "accuracy", "balanced_accuracy", "roc_auc_ovr", "melanoma_auc", "malignant_auc",
@@ -193,6 +194,7 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
     config = read_checkpoint_meta(checkpoint).get("config") or read_checkpoint_state(checkpoint)["config"]
     report_uri = storage.write_text(storage.join(out, "report.html"), render_report(
         f"dermray evaluation: {split} split", metrics, figures, config, provenance))
+    run_tracking.log_evaluation(checkpoint, config, split, metrics, report_uri)
     malignant = metrics.get("malignant") or {}
     headline = {key: metrics.get(key) for key in HEADLINE_KEYS} | {
         "malignant_sensitivity": malignant.get("sensitivity"), "malignant_specificity": malignant.get("specificity")}

@@ -33,6 +33,7 @@ from dermray.data.stage import stage
 from dermray.errors import DermrayError
 from dermray.evaluation.evaluate import evaluate
 from dermray.models.checkpoint import warm_start_mismatch
+from dermray.ops import run_tracking
 from dermray.ops.registry import Registry, utc_stamp
 from dermray.ray_runtime import ensure_ray
 from dermray.train.trainer import train
@@ -109,6 +110,7 @@ def decide(cfg: NightlyConfig, challenger: dict, champion: dict | None) -> tuple
 def nightly(config: Config) -> dict:
     """One nightly cycle; returns the JSON summary (promoted, champion, challenger, reason, ...)."""
     cfg = config.nightly
+    run_tracking.check_server(config)  # an unreachable tracking server: one line, before the registry is locked
     registry = Registry(cfg.registry)
     run = f"nightly-{utc_stamp()}-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
@@ -127,7 +129,8 @@ def nightly(config: Config) -> dict:
         _log(f"run {run}: re-staging {cfg.source} into {cfg.dataset}")
         staged = _stage(cfg, config.train.seed)
         manifest = manifest_uri(cfg.dataset)
-        challenger_checkpoint, warm = _train_challenger(config, run, manifest, staged["classes"], champion_checkpoint)
+        trained, warm = _train_challenger(config, run, manifest, staged["classes"], champion_checkpoint)
+        challenger_checkpoint = trained["checkpoint"]
         reports = storage.join(registry.root, "reports", run)
         challenger_metrics = _holdout_metrics(challenger_checkpoint, manifest, cfg.holdout_split,
                                               storage.join(reports, "challenger"))
@@ -138,7 +141,10 @@ def nightly(config: Config) -> dict:
             record = {"checkpoint": challenger_checkpoint, "run": run, "promoted_at": utc_stamp(),
                       "metric": cfg.metric, "holdout_metrics": challenger_metrics, "manifest": manifest,
                       "previous": champion_checkpoint}
-            if not registry.promote(record, replacing=champion):
+            if registry.promote(record, replacing=champion):
+                # MLflow's registry follows dermray's, never the other way round (a failure there is a warning).
+                run_tracking.register_champion(config, trained)
+            else:
                 promote, reason = False, "another run replaced the champion first; keeping theirs"
         registry.record({
             "run": run, "promoted": promote, "reason": reason, "challenger": challenger_checkpoint,
@@ -160,8 +166,8 @@ def nightly(config: Config) -> dict:
 
 
 def _train_challenger(config: Config, run: str, manifest: str, classes: list[str],
-                      champion_checkpoint: str | None) -> tuple[str, str | None]:
-    """(the challenger's best checkpoint, the champion checkpoint it warm-started from or None)."""
+                      champion_checkpoint: str | None) -> tuple[dict, str | None]:
+    """(the challenger's training summary, the champion checkpoint it warm-started from or None)."""
     warm = _warm_start(champion_checkpoint, config, classes)
     # The trainer sizes the images from the staged manifest's source (a nightly config names no manifest).
     train_config = config.model_copy(update={
@@ -171,4 +177,4 @@ def _train_challenger(config: Config, run: str, manifest: str, classes: list[str
         "run": config.run.model_copy(update={"name": run}),
     })
     _log(f"training challenger {run}" + (f" from the champion {warm}" if warm else ""))
-    return train(train_config)["checkpoint"], warm
+    return train(train_config), warm

@@ -218,7 +218,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any
         raise DermrayError(f"MLflow run could not be started on {redact(uri)}: {_reason(error)}") from None
     if changed:
         # MLflow params are immutable: a resumed run keeps its first values; say which ones differ now.
-        _warn(f"resumed MLflow run {run_id} keeps its logged values of {', '.join(changed[:10])}"
+        warn(f"resumed MLflow run {run_id} keeps its logged values of {', '.join(changed[:10])}"
               f"{' ...' if len(changed) > 10 else ''} (params cannot change); this launch's config.yaml has the "
               "new ones")
     return run_id
@@ -233,7 +233,7 @@ def find_run(uri: str, experiment: str, run_uri: str) -> str | None:
             found = client.get_experiment_by_name(experiment)
             return None if found is None else _find_run(client, found.experiment_id, run_uri)
     except Exception as error:  # noqa: BLE001
-        _warn(f"MLflow run lookup on {redact(uri)} failed ({_reason(error)}); nothing logged there")
+        warn(f"MLflow run lookup on {redact(uri)} failed ({_reason(error)}); nothing logged there")
         return None
 
 
@@ -281,16 +281,25 @@ class EpochLogger:
                         del self._pending[:_METRICS_PER_BATCH]
             except Exception as error:  # noqa: BLE001 - tracking never stops training
                 if not self._failing:
-                    _warn(f"MLflow tracking at {redact(self.uri)} failed ({_reason(error)}); training continues, "
+                    warn(f"MLflow tracking at {redact(self.uri)} failed ({_reason(error)}); training continues, "
                           "metrics are kept and sent when the server answers again")
                 self._failing = True
                 return False
             if self._failing:
                 lost = f", {self._dropped} of the oldest values dropped" if self._dropped else ""
-                _warn(f"MLflow tracking at {redact(self.uri)} answers again: kept metrics sent{lost}",
+                warn(f"MLflow tracking at {redact(self.uri)} answers again: kept metrics sent{lost}",
                       prefix="[dermray] ")
                 self._failing, self._dropped = False, 0
             return True
+
+
+def logged_steps(uri: str, run_id: str, key: str) -> set[int] | None:
+    """The steps at which ``key`` was logged on the run, or None (and a warning) when MLflow cannot say: lets the
+    driver send, at the end of a run, the epochs an outage kept from arriving."""
+    steps: list[int] = []
+    ok = _safely(uri, "metric history", _CONTROL,
+                 lambda client: steps.extend(m.step for m in client.get_metric_history(run_id, _key(key))))
+    return set(steps) if ok else None
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> bool:
@@ -464,7 +473,7 @@ def _safely(uri: str, what: str, budget: _Budget, call: Any) -> bool:
             call(_client(uri))
         return True
     except Exception as error:  # noqa: BLE001 - tracking never fails a dermray command once it has started
-        _warn(f"MLflow {what} on {redact(uri)} failed ({_reason(error)}); continuing without it")
+        warn(f"MLflow {what} on {redact(uri)} failed ({_reason(error)}); continuing without it")
         return False
 
 
@@ -581,6 +590,6 @@ def _unreachable(uri: str, reason: str) -> DermrayError:
                         f"run.mlflow_tracking_uri or {ENV_VAR}, or unset both to train without tracking")
 
 
-def _warn(message: str, prefix: str = "[dermray] warning: ") -> None:
+def warn(message: str, prefix: str = "[dermray] warning: ") -> None:
     # os.write, not print: one unbuffered write per line, not interleaved with other output of a Ray worker.
     os.write(2, f"{prefix}{' '.join(message.split())}\n".encode())

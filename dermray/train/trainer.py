@@ -20,6 +20,8 @@ from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.models.backbones import build_model
 from dermray.models.checkpoint import ModelIdentity, read_history, warm_start_mismatch
+from dermray.ops import run_tracking
+from dermray.ops.run_tracking import TrackedRun
 from dermray.taxonomy import melanoma_class, taxonomy_tree
 from dermray.train.sizing import cpus_per_worker
 from dermray.train.worker import WorkerInputs, train_loop_per_worker
@@ -73,36 +75,47 @@ def latest_checkpoint(run_uri: str) -> str | None:
     return storage.join(run_uri, name) if name else None
 
 
-def train(config: Config, callbacks: list | None = None, continue_from=None) -> dict:
+def train(config: Config, callbacks: list | None = None, continue_from=None,
+          tracking_parent: TrackedRun | None = None) -> dict:
     """Run (or resume) the training described by ``config``; returns the JSON summary (also written to
     ``<run>/summary.json``). ``callbacks`` are Ray Train callbacks (a Tune sweep passes its report callback);
     ``continue_from`` is a ``ray.train.Checkpoint`` that a new run starts from (weights, optimizer, schedule and
-    epoch counter: a population-based trial taking over another's model); the run's own checkpoints win."""
+    epoch counter: a population-based trial taking over another's model); the run's own checkpoints win.
+    ``tracking_parent``: the sweep's MLflow run, which this run's MLflow run nests under."""
     from dermray.ray_runtime import ensure_ray
 
     started = time.monotonic()
+    if tracking_parent is None:
+        run_tracking.check_server(config)  # an unreachable tracking server: one line, before anything else
     config, manifest, untrainable = _checked_inputs(config)
-    ensure_ray()
-    # Built before anything is written: a manifest whose images moved since staging is refused here.
-    datasets = _datasets(config, manifest)
     run_uri = storage.join(storage.normalize(config.run.storage), config.run.name)
     resumed_from = latest_checkpoint(run_uri)
-    if resumed_from:
-        print(f"[dermray] run '{config.run.name}' exists: resuming from {resumed_from}", file=sys.stderr, flush=True)
-    elif continue_from is not None:
-        print(f"[dermray] run '{config.run.name}' continues from the checkpoint {continue_from.path}",
-              file=sys.stderr, flush=True)
-    storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
-    resources, threads = worker_resources(config)
-    trainer = _torch_trainer(config, _worker_inputs(config, manifest, threads, continue_from), datasets, resources,
-                             callbacks or [])
-    result = _fit(trainer)
-    summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, config.data.manifest,
-                        config.run.checkpoint_score)
-    summary["classes_without_training_images"] = untrainable
-    summary["curves"] = write_curves(summary, run_uri, config)
-    storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
-    return summary
+    tracked = run_tracking.open_training_run(config, run_uri, bool(resumed_from), tracking_parent)
+    summary = None
+    try:
+        ensure_ray()
+        # Built before anything is written: a manifest whose images moved since staging is refused here.
+        datasets = _datasets(config, manifest)
+        if resumed_from:
+            print(f"[dermray] run '{config.run.name}' exists: resuming from {resumed_from}", file=sys.stderr,
+                  flush=True)
+        elif continue_from is not None:
+            print(f"[dermray] run '{config.run.name}' continues from the checkpoint {continue_from.path}",
+                  file=sys.stderr, flush=True)
+        storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
+        resources, threads = worker_resources(config)
+        inputs = _worker_inputs(config, manifest, threads, continue_from, tracked)
+        result = _fit(_torch_trainer(config, inputs, datasets, resources, callbacks or []))
+        summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, config.data.manifest,
+                            config.run.checkpoint_score)
+        summary["classes_without_training_images"] = untrainable
+        summary["curves"] = write_curves(summary, run_uri, config)
+        if tracked:
+            summary["mlflow_run_id"] = tracked.run_id
+        storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
+        return summary
+    finally:
+        run_tracking.close_training_run(tracked, config, summary)
 
 
 def write_curves(summary: dict, run_uri: str, config: Config) -> str | None:
@@ -148,7 +161,8 @@ def _datasets(config: Config, manifest: Manifest) -> dict:
     }
 
 
-def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_from) -> WorkerInputs:
+def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_from,
+                   tracked: TrackedRun | None) -> WorkerInputs:
     from dermray.ray_runtime import debug_enabled
 
     train_rows = manifest.split(config.data.train_split).num_rows
@@ -167,6 +181,7 @@ def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_fr
         torch_threads=threads,
         continue_from=continue_from,
         debug=debug_enabled(),
+        epoch_observers=[tracked.epoch_logger().log] if tracked else [],
     )
 
 

@@ -44,7 +44,8 @@ class WorkerInputs:
     torch_threads: int | None = None  # CPU workers: the CPUs each was given
     continue_from: Any = None  # a ray.train.Checkpoint a new run starts from (a PBT trial's takeover)
     debug: bool = False  # DERMRAY_DEBUG: worker tracebacks stay on the console
-    epoch_observers: list = field(default_factory=list)  # rank 0 calls each with (metrics, epoch) after an epoch
+    # Rank 0 calls each with (metrics, epoch number) after every epoch: the MLflow run's EpochLogger.log.
+    epoch_observers: list = field(default_factory=list)
 
 
 @dataclass
@@ -103,7 +104,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
             eta = (time.perf_counter() - run_started) / epochs_done * (config.train.epochs - epoch - 1)
             _log(_epoch_line(metrics, config.train.epochs, eta))
             for observe in inputs.epoch_observers:
-                observe(metrics, epoch)
+                observe(metrics, metrics["epoch"])
         _report(model, phase, inputs.identity, epoch, metrics, history, rank)
 
 

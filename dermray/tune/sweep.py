@@ -37,6 +37,8 @@ from dermray.config import Config, SearchDimension, TuneSection, config_from_dic
 from dermray.data.manifest import read_manifest
 from dermray.errors import DermrayError
 from dermray.models.checkpoint import read_ray_checkpoint_meta
+from dermray.ops import run_tracking
+from dermray.ops.run_tracking import TrackedRun
 from dermray.ray_runtime import ensure_ray
 from dermray.train.sizing import cpus_per_worker, free_cpus
 from dermray.train.trainer import embedded_manifest, train
@@ -137,7 +139,8 @@ def concurrency(config: Config, cluster: dict) -> tuple[int, float]:
     return trials, cpus_per_worker(cluster_cpus, config.scaling, trials, reserved=trials * TRIAL_CPU)
 
 
-def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints: bool) -> None:
+def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints: bool,
+               tracking_parent: TrackedRun | None = None) -> None:
     """The Tune trainable: one `dermray train` run, named after the trial, reporting every epoch to Tune.
 
     With ``share_checkpoints`` (PBT) every epoch's checkpoint goes to Tune too, and a trial that Tune starts from
@@ -157,8 +160,8 @@ def _run_trial(sampled: dict, base: dict, sweep_storage: str, share_checkpoints:
         run_name = f"{trial_id}-from-{source}-e{epoch}-{uuid.uuid4().hex[:6]}"
     config = config.model_copy(update={"run": config.run.model_copy(update={"name": run_name,
                                                                            "storage": sweep_storage})})
-    train_reporting_to_tune(lambda callbacks: train(config, callbacks=callbacks, continue_from=start),
-                            share_checkpoints)
+    train_reporting_to_tune(lambda callbacks: train(config, callbacks=callbacks, continue_from=start,
+                                                    tracking_parent=tracking_parent), share_checkpoints)
 
 
 def _lineage(checkpoint) -> tuple[str, int]:
@@ -316,6 +319,7 @@ def _plot(table, space: dict[str, SearchDimension], metric: str, curves: dict[st
 def sweep(config: Config) -> dict:
     """Run (or resume) the sweep of ``config.tune``; returns the JSON summary."""
     started = time.monotonic()
+    run_tracking.check_server(config)  # an unreachable tracking server: one line, before anything else
     config = config.with_absolute_paths()  # trials run in working directories of their own
     settings: TuneSection = config.tune
     # A bad space or a missing manifest is refused before Ray starts (and before every trial fails on it).
@@ -331,23 +335,33 @@ def sweep(config: Config) -> dict:
         "scaling": config.scaling.model_copy(update={"cpus_per_worker": worker_cpus}),
     }).model_dump(mode="json")
     sweep_dir = storage.join(storage.normalize(config.run.storage), settings.name)
-    tuner, resumed = _tuner(settings, base, sweep_dir, trials_at_once)
-    _announce(settings, trials_at_once)
-    with warnings.catch_warnings():
-        # Tune suggests reuse_actors under PBT. A trial's start-up cost is its Train run's worker group, which a
-        # reused trial actor would not save; a reused one would carry a trial's training thread into the next.
-        warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
-        results = tuner.fit()
-    table, curves = _results_table(results, config, sweep_dir)
-    summary = _write_outputs(table, curves, config, base, sweep_dir)
-    return {**summary, "resumed": resumed, "seconds": round(time.monotonic() - started, 1)}
+    tracked = run_tracking.open_sweep_run(config, sweep_dir)  # the trials' MLflow runs nest under it
+    summary = None
+    try:
+        tuner, resumed = _tuner(settings, base, sweep_dir, trials_at_once, tracked)
+        _announce(settings, trials_at_once)
+        with warnings.catch_warnings():
+            # Tune suggests reuse_actors under PBT. A trial's start-up cost is its Train run's worker group, which
+            # a reused trial actor would not save; a reused one would carry a trial's training thread into the next.
+            warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
+            results = tuner.fit()
+        table, curves = _results_table(results, config, sweep_dir)
+        summary = _write_outputs(table, curves, config, base, sweep_dir)
+        summary.update(resumed=resumed, seconds=round(time.monotonic() - started, 1))
+        if tracked:
+            summary["mlflow_run_id"] = tracked.run_id
+        return summary
+    finally:
+        run_tracking.close_sweep_run(tracked, summary)
 
 
-def _tuner(settings: TuneSection, base: dict, sweep_dir: str, trials_at_once: int) -> tuple[tune.Tuner, bool]:
+def _tuner(settings: TuneSection, base: dict, sweep_dir: str, trials_at_once: int, tracked: TrackedRun | None
+           ) -> tuple[tune.Tuner, bool]:
     """(the Tuner, whether it resumes an interrupted sweep of the same name)."""
     pbt = settings.scheduler == "pbt"
     trainable = tune.with_resources(
-        functools.partial(_run_trial, base=base, sweep_storage=sweep_dir, share_checkpoints=pbt),
+        functools.partial(_run_trial, base=base, sweep_storage=sweep_dir, share_checkpoints=pbt,
+                          tracking_parent=tracked),
         {"CPU": TRIAL_CPU},
     )
     tune_path = storage.storage_path_for_ray(sweep_dir)
