@@ -1,7 +1,7 @@
 """A PNG of the MLflow UI showing one run (for docs/images/mlflow-run.png), taken with headless Chromium.
 
     .venv/bin/python dev/mlflow_screenshot.py --tracking-uri http://127.0.0.1:5000 --run-id <id> \\
-        --out docs/images/mlflow-run.png [--tab model-metrics|overview|artifacts]
+        --out docs/images/mlflow-run.png [--tab model-metrics|overview|artifacts] [--search REGEX]
 
 Needs Chromium (Debian: ``apt-get install -y chromium``) and a running tracking server holding the run. Not part
 of the test suite.
@@ -11,8 +11,11 @@ the page loads, and a virtual-time budget has taken the picture before the chart
 opens its "Assistant" side panel on a browser profile's first visit (a quarter of the picture) and starts in its
 GenAI view. So the script drives Chromium through the DevTools protocol over a pipe (``--remote-debugging-pipe``:
 standard library only, no port opened): it loads the page, switches the UI to "Model training", closes the
-Assistant panel, loads the page again, waits until the page has stopped changing, and captures it. Credentials in
-the URI are refused: a docs screenshot of a loopback server needs none.
+Assistant panel, loads the page again, optionally types ``--search`` into the "Search metric charts" box (a
+regular expression there: e.g. only the per-epoch charts, not a run's many ``eval-<split>/...`` sections, which
+come first), hides the charts' Plotly toolbars (MLflow shows every chart's at once, over its latest points), waits
+until the page has stopped changing, and captures it. Credentials in the URI are refused: a
+docs screenshot of a loopback server needs none.
 """
 
 from __future__ import annotations
@@ -51,6 +54,23 @@ _CLOSE_ASSISTANT = """(() => {
     if (close) { close.click(); return true; }
   }
   return false;
+})()"""
+
+# Typed into the model-metrics tab's chart filter the way React sees typing (its value setter, then an input event).
+_SEARCH_CHARTS = """(() => {
+  const box = document.querySelector('input[placeholder="Search metric charts"]');
+  if (!box) return false;
+  Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(box, %s);
+  box.dispatchEvent(new Event('input', {bubbles: true}));
+  return true;
+})()"""
+
+# Plotly's per-chart toolbar, which MLflow keeps visible on every chart (not only the hovered one).
+_HIDE_TOOLBARS = """(() => {
+  const style = document.createElement('style');
+  style.textContent = '.modebar-container { display: none !important; }';
+  document.head.appendChild(style);
+  return document.querySelectorAll('.modebar-container').length > 0;
 })()"""
 
 # What "the page has stopped changing" is measured on: the amount of markup and the number of drawn charts.
@@ -151,8 +171,9 @@ def _load(browser: DevTools, url: str | None, must_show: str, settle_s: float, t
 
 
 def screenshot(url: str, must_show: str, out: Path, width: int = 1600, height: int = 1000,
-               chromium: str | None = None, timeout_s: float = 60) -> Path:
-    """Render ``url`` in a fresh headless Chromium profile and write the picture to ``out``."""
+               chromium: str | None = None, timeout_s: float = 60, search: str | None = None) -> Path:
+    """Render ``url`` in a fresh headless Chromium profile and write the picture to ``out`` (``search``: typed
+    into the metric charts' filter first)."""
     binary = chromium or shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if binary is None:
         raise SystemExit("chromium not found: apt-get install -y chromium (or pass --chromium)")
@@ -179,6 +200,10 @@ def screenshot(url: str, must_show: str, out: Path, width: int = 1600, height: i
                 _load(browser, url, must_show, settle_s=1.0, timeout_s=timeout_s)
             if browser.evaluate(_CLOSE_ASSISTANT):
                 tidied.append("assistant closed")
+            if search and browser.evaluate(_SEARCH_CHARTS % json.dumps(search)):
+                tidied.append(f"charts filtered by {search!r}")
+            if browser.evaluate(_HIDE_TOOLBARS):
+                tidied.append("chart toolbars hidden")
             _load(browser, None, must_show, settle_s=2.0, timeout_s=timeout_s)  # let the layout settle
             png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png"})["data"])
         finally:
@@ -205,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/images/mlflow-run.png"))
     parser.add_argument("--tab", choices=sorted(TABS), default="model-metrics",
                         help="the run page's tab (default: model-metrics, the per-epoch curves)")
+    parser.add_argument("--search", help="a regular expression for the metric charts' filter (model-metrics tab), "
+                        "e.g. '^(train_loss|val_loss|val_balanced_accuracy|lr)$'")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=60, help="seconds the page gets to render")
@@ -213,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if urllib.parse.urlsplit(args.tracking_uri).password is not None:
         parser.error("put no credentials in --tracking-uri")
     url, run_name = run_page(args.tracking_uri, args.run_id, args.tab)
-    screenshot(url, run_name, args.out, args.width, args.height, args.chromium, args.timeout)
+    screenshot(url, run_name, args.out, args.width, args.height, args.chromium, args.timeout, args.search)
     return 0
 
 
