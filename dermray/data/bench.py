@@ -18,17 +18,31 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from torch import nn
 
 from dermray import storage
-from dermray.config import AugmentConfig
+from dermray.config import AugmentConfig, TrainConfig
+from dermray.data.imaging import decode_rgb
+from dermray.data.ingest import build_dataset, train_preset
 from dermray.data.listing import list_data_files
+from dermray.data.manifest import Manifest, read_manifest
+from dermray.data.pack import DEFAULT_ROWS_PER_SHARD, pack_shards
 from dermray.data.sources import IMAGE_EXTENSIONS
+from dermray.data.transforms import decode_size_hint
 from dermray.errors import DermrayError
+from dermray.models.backbones import build_model
+from dermray.ray_runtime import ensure_ray
+from dermray.train.engine import build_optimizer, build_scheduler, train_one_epoch
 
 
 def _peak_rss_gib() -> float:
@@ -54,7 +68,6 @@ class MachineMemoryPeak:
     object store's shared memory, DataLoader workers (and anything else running meanwhile, so run it alone)."""
 
     def __enter__(self) -> MachineMemoryPeak:
-        import threading
 
         self.baseline = _memory_in_use_bytes()
         self.peak = 0
@@ -120,10 +133,7 @@ def _grow_shards(prefix: str, rows: int) -> int:
     sample's rows repeated) holding about ``rows`` rows in all; returns how many. One dataset then streams the
     sample several times over through the layout real data has: the sample alone packs into one small shard (62
     rows for UDA-1), and streaming many copies of it timed Ray's per-file overhead, not the layout's."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from dermray.data.pack import DEFAULT_ROWS_PER_SHARD
 
     originals = [f for f in storage.list_files(prefix) if f.endswith(".parquet")]
     sample = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in originals])
@@ -150,8 +160,6 @@ class _ImageFiles:
         return len(self.uris)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        from dermray.data.imaging import decode_rgb
-        from dermray.data.transforms import decode_size_hint
 
         image = decode_rgb(storage.read_bytes(self.uris[index]), min_side=decode_size_hint(self.preset))
         return self.preset(image, np.random.default_rng())
@@ -159,7 +167,6 @@ class _ImageFiles:
 
 def _dataloader_rate(dataset: _ImageFiles, workers: int, batch_size: int, seconds: float) -> float:
     """images/s of a DataLoader with ``workers`` processes (which exit when it goes out of scope here)."""
-    import torch
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          persistent_workers=True, prefetch_factor=4)
@@ -176,10 +183,7 @@ def list_images(images: str, limit: int | None) -> list[str]:
 
 def _measure_packed(table, ray_epochs, passes: int, pack_size: int, pack_to: str | None, seconds: float) -> dict:
     """Pack the images, grow the shards to ``passes`` copies of the sample, and time Ray Data over them."""
-    import pyarrow as pa
 
-    from dermray.data.manifest import Manifest
-    from dermray.data.pack import pack_shards
 
     results: dict = {}
     # Shards in the same store as the images (--pack-to), so the comparison is the layout, not the store.
@@ -205,12 +209,7 @@ def _measure_packed(table, ray_epochs, passes: int, pack_size: int, pack_to: str
 def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack: bool = False,
                  pack_size: int = 256, limit: int | None = None, batch_size: int = 32,
                  pack_to: str | None = None) -> dict:
-    import pyarrow as pa
-    import ray
 
-    from dermray.data.ingest import build_dataset, train_preset
-    from dermray.data.manifest import Manifest
-    from dermray.ray_runtime import ensure_ray
 
     uris = list_images(images, limit)
     preset = train_preset(image_size, AugmentConfig(rotation_degrees=180))
@@ -260,15 +259,7 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
 
 def bench_train(backbone: str, image_size: int, manifest: str | None = None, seconds: float = 20.0,
                 batch_size: int = 32, use_gpu: bool | None = None) -> dict:
-    import torch
-    from torch import nn
 
-    from dermray.config import TrainConfig
-    from dermray.data.ingest import build_dataset, train_preset
-    from dermray.data.manifest import read_manifest
-    from dermray.models.backbones import build_model
-    from dermray.ray_runtime import ensure_ray
-    from dermray.train.engine import build_optimizer, build_scheduler, train_one_epoch
 
     device = torch.device("cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu")
     model = build_model(backbone, 7).to(device)

@@ -9,7 +9,8 @@ How Ray 2.60 picks the display, once per dataset execution, in the process that 
 - else, when ``sys.stdout`` is not a terminal (and not a Ray worker with ``use_ray_tqdm``): a text block logged
   at INFO every ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds (10) by the
   ``ray.data._internal.progress.logging_progress`` logger. dermray sets ``RAY_DATA_LOG_LEVEL=WARNING``
-  (``dermray.ray_runtime``), which hides it, so that logger alone is raised to INFO here;
+  (``dermray.ray_runtime``), which hides it, and leaves it hidden: a job's log or a script capturing stderr
+  gets no 7-line block every 10 s (and a bad input's error stays the one line on stderr);
 - else tqdm bars: with ``use_ray_tqdm`` (Ray's default) through ``ray.experimental.tqdm_ray``, which in the driver
   also replaces ``builtins.print`` with its own; without it, plain ``tqdm.tqdm`` on ``sys.stderr``. Either way
   without tqdm installed: no bars, and "tqdm is not installed. Progress bars will be disabled." (tqdm_ray) or
@@ -17,8 +18,8 @@ How Ray 2.60 picks the display, once per dataset execution, in the process that 
 
 The CLI runs every command under ``contextlib.redirect_stdout(sys.stderr)``, so the terminal test Ray makes of
 ``sys.stdout`` is in effect a test of stderr, where the bars and the log lines go (tqdm's default file, Ray's
-console log handler writes to ``sys.stderr`` at emit time): bars when stderr is a terminal, the periodic log
-block when it is a file or a pipe.
+console log handler writes to ``sys.stderr`` at emit time): bars when stderr is a terminal, nothing when it is
+a file or a pipe.
 
 Training is left alone: its datasets execute in Ray Train's dataset actor (a Ray worker, stdout not a terminal),
 where ``use_ray_tqdm = False`` (set by the trainer and here; the DataContext travels with the dataset) gives the
@@ -31,12 +32,11 @@ from __future__ import annotations
 import logging
 
 PROGRESS_LOGGER = "ray.data._internal.progress"
-NON_TTY_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
 
 
 def show_data_progress(enabled: bool = True) -> None:
     """Show (or hide) Ray Data's progress for the dataset executions this process runs from now on: tqdm bars on
-    stderr when stderr is a terminal, else Ray's progress block on stderr every 10 s. Call it in the driver
+    stderr when stderr is a terminal; nothing when it is a file or a pipe. Call it in the driver
     after ``ensure_ray()`` (or before: the DataContext is this process's) and before the dataset executes."""
     import ray.data
 
@@ -48,4 +48,4 @@ def show_data_progress(enabled: bool = True) -> None:
     context.enable_operator_progress_bars = enabled
     # Off: also keep Ray's one-off "Progress bars disabled. To enable, ..." WARNING off the console.
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.NOTSET if enabled else logging.ERROR)
-    logging.getLogger(NON_TTY_PROGRESS_LOGGER).setLevel(logging.INFO if enabled else logging.NOTSET)
+

@@ -12,11 +12,27 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from dermray import __version__, storage
+from dermray.data.ingest import build_dataset
 from dermray.data.manifest import Manifest, manifest_uri, read_manifest
+from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
+from dermray.evaluation.curves import curves_figure
+from dermray.evaluation.inference import Predictor, actor_pool
+from dermray.evaluation.metrics import evaluate_predictions, malignant_labels, malignant_scores, reliability
+from dermray.evaluation.plots import confusion_figure, reliability_figure, roc_figure
+from dermray.evaluation.report import render_report
+from dermray.models.checkpoint import (
+    input_geometry,
+    melanoma_class_of,
+    read_checkpoint_meta,
+    read_checkpoint_state,
+    read_history,
+)
 from dermray.ops import run_tracking
+from dermray.ray_runtime import ensure_ray
 from dermray.taxonomy import MALIGNANT, IsicFormat, isic_format
 
 HEADLINE_KEYS = ("images", "accuracy", "balanced_accuracy", "roc_auc_ovr", "melanoma_auc", "malignant_auc",
@@ -41,13 +57,7 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
                   limit: int | None = None) -> SplitPredictions:
     """Run the checkpoint over a split of the manifest as a Ray Data job (decode on CPU tasks, the model in an
     actor pool, one actor per GPU when there are GPUs)."""
-    import ray
 
-    from dermray.data.ingest import build_dataset
-    from dermray.data.transforms import EvalPreset
-    from dermray.evaluation.inference import Predictor, actor_pool
-    from dermray.models.checkpoint import input_geometry, melanoma_class_of, read_checkpoint_meta
-    from dermray.ray_runtime import ensure_ray
 
     meta = read_checkpoint_meta(checkpoint)
     if meta["classes"] != manifest.classes:
@@ -83,8 +93,6 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
 
 
 def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
-    from dermray.evaluation.metrics import malignant_labels, malignant_scores, reliability
-    from dermray.evaluation.plots import confusion_figure, reliability_figure, roc_figure
 
     predicted = result.probs.argmax(axis=1)
     curves = []
@@ -110,8 +118,6 @@ def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
 
 def _learning_curves(checkpoint: str) -> dict[str, bytes]:
     """``curves.png`` of the run up to the evaluated checkpoint (its epoch marked), when the history is there."""
-    from dermray.evaluation.curves import curves_figure
-    from dermray.models.checkpoint import read_checkpoint_meta, read_history
 
     history = read_history(checkpoint)
     if not history:
@@ -158,9 +164,6 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
     """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet``, ``report.html`` and, for the
     classes of an ISIC challenge, ``isic_submission.csv`` to ``out`` (default: ``<checkpoint>/eval-<split>``);
     returns the JSON summary with the headline metrics and ``outputs`` (the optional files written)."""
-    from dermray.evaluation.metrics import evaluate_predictions
-    from dermray.evaluation.report import render_report
-    from dermray.models.checkpoint import read_checkpoint_meta, read_checkpoint_state
 
     started = time.monotonic()
     if tta < 1 or tta > 8:

@@ -9,27 +9,27 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from sklearn.manifold import TSNE
 
 from dermray import storage
 from dermray.data.imaging import UnreadableImage, decode_rgb
+from dermray.data.ingest import normalize_on_device
 from dermray.data.manifest import read_manifest
 from dermray.data.transforms import EvalPreset, decode_size_hint
 from dermray.errors import DermrayError
-
-if TYPE_CHECKING:  # torch is imported where it is used, so that `dermray --help` need not load it
-    from dermray.models.checkpoint import InferenceModel
+from dermray.evaluation.evaluate import predict_split
+from dermray.evaluation.plots import saliency_grid_figure, tsne_figure
+from dermray.models.backbones import split_logits
+from dermray.models.checkpoint import InferenceModel, load_for_inference
 
 
 def saliency_map(loaded: InferenceModel, image: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
     """(HxW saliency in [0, 1], the class probabilities) for one uint8 HxWx3 image: |d loss / d input| summed
     over RGB, scaled by its 99th percentile so one hot pixel does not wash out the map."""
-    import torch
 
-    from dermray.data.ingest import normalize_on_device
-    from dermray.models.backbones import split_logits
 
     device = next(loaded.model.parameters()).device
     x = normalize_on_device(torch.from_numpy(image)[None], device, channels_last=False).requires_grad_(True)
@@ -66,7 +66,6 @@ def saliency_examples(loaded: InferenceModel, manifest, split: str, per_class: i
 
 
 def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
@@ -74,11 +73,7 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def explain(checkpoint: str, manifest: str, out: str | None = None, split: str = "test", per_class: int = 3,
             tsne_images: int = 2000) -> dict:
-    import torch
 
-    from dermray.evaluation.evaluate import predict_split
-    from dermray.evaluation.plots import saliency_grid_figure, tsne_figure
-    from dermray.models.checkpoint import load_for_inference
 
     started = time.monotonic()
     loaded_manifest = read_manifest(manifest)

@@ -10,6 +10,7 @@ photograph of the same lesion.
 from __future__ import annotations
 
 import numpy as np
+import ray.data
 import torch
 
 from dermray.data.ingest import normalize_on_device
@@ -91,7 +92,6 @@ class Predictor:
 def actor_pool(cluster_resources: dict) -> dict:
     """map_batches arguments for the predictor actors: one per GPU when there are GPUs; on CPU clusters half the
     CPUs (the other half decodes images), at least one."""
-    import ray.data
 
     gpus = int(cluster_resources.get("GPU", 0))
     if gpus:

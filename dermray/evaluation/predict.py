@@ -16,12 +16,19 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
 
 from dermray import storage
+from dermray.data.ingest import DecodeAndTransform
 from dermray.data.listing import list_data_files
 from dermray.data.manifest import MANIFEST_NAME, read_manifest
 from dermray.data.sources import IMAGE_EXTENSIONS
+from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
+from dermray.evaluation.inference import Predictor, actor_pool
+from dermray.models.checkpoint import input_geometry, read_checkpoint_meta
+from dermray.ray_runtime import ensure_ray
 from dermray.taxonomy import coarse_probabilities
 
 PREDICTIONS = "predictions"
@@ -61,14 +68,7 @@ def prediction_columns(batch: dict[str, np.ndarray], classes: list[str], tree: d
 
 
 def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: bool = False) -> dict:
-    import pyarrow.dataset as pads
-    import ray
 
-    from dermray.data.ingest import DecodeAndTransform
-    from dermray.data.transforms import EvalPreset
-    from dermray.evaluation.inference import Predictor, actor_pool
-    from dermray.models.checkpoint import input_geometry, read_checkpoint_meta
-    from dermray.ray_runtime import ensure_ray
 
     started = time.monotonic()
     meta = read_checkpoint_meta(checkpoint)

@@ -16,15 +16,16 @@ import io
 import json
 import os
 import pickle
+import posixpath
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 from dermray import storage
+from dermray.config import Config
 from dermray.errors import DermrayError
-
-if TYPE_CHECKING:  # torch is imported where it is used: the command line starts without it
-    import torch
-    from torch import nn
+from dermray.models.backbones import build_model
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -32,7 +33,6 @@ META_FILE = "meta.json"
 
 def read_checkpoint_state(checkpoint_uri: str) -> dict:
     """The ``state.pt`` of a checkpoint folder (local or s3://), loaded without unpickling code."""
-    import torch
 
     uri = storage.join(storage.normalize(checkpoint_uri), STATE_FILE)
     if not storage.exists(uri):
@@ -66,7 +66,6 @@ def write_checkpoint(directory: str, identity: ModelIdentity, model: nn.Module, 
     """Write ``state.pt`` (everything needed to resume: weights, optimizer, schedule, epoch; and to serve:
     classes, taxonomy, config) as plain tensors and containers that ``torch.load(weights_only=True)`` accepts,
     and ``meta.json`` (what the model is and how it scored, cheap to read) into the local ``directory``."""
-    import torch
 
     common = {"epoch": epoch, "phase": phase, "classes": identity.classes, "taxonomy": identity.taxonomy,
               "melanoma_class": identity.melanoma_class, "config": identity.config}
@@ -93,7 +92,6 @@ def read_history(checkpoint_uri: str) -> list[dict]:
 
 def read_ray_checkpoint_meta(checkpoint) -> dict:
     """The ``meta.json`` of a ``ray.train.Checkpoint`` (wherever its filesystem is), without fetching the weights."""
-    import posixpath
 
     with checkpoint.filesystem.open_input_file(posixpath.join(checkpoint.path, META_FILE)) as handle:
         return json.loads(handle.read())
@@ -113,7 +111,6 @@ def warm_start_mismatch(checkpoint_uri: str, backbone: str, classes: list[str]) 
 
 def input_geometry(checkpoint_uri: str, meta: dict | None = None) -> tuple[int, float]:
     """(image size, eval resize ratio) the model was trained at, from meta.json (older checkpoints: state.pt)."""
-    from dermray.config import Config
 
     meta = meta if meta is not None else read_checkpoint_meta(checkpoint_uri)
     if meta.get("image_size") is not None:
@@ -146,10 +143,7 @@ class InferenceModel:
 
 def load_for_inference(checkpoint_uri: str, device: torch.device | str = "cpu") -> InferenceModel:
     """The checkpoint's model in eval mode on ``device`` (channels-last on GPU), its classes and taxonomy."""
-    import torch
 
-    from dermray.config import Config
-    from dermray.models.backbones import build_model
 
     state = read_checkpoint_state(checkpoint_uri)
     config = Config.model_validate(state["config"])

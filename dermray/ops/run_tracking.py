@@ -17,10 +17,12 @@ is a warning and never fails or changes what dermray does.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from dermray import __version__, storage
 from dermray.config import Config, to_yaml
+from dermray.models.checkpoint import read_history
 from dermray.ops import tracking
 
 
@@ -78,7 +80,6 @@ def close_training_run(run: TrackedRun | None, config: Config, summary: dict | N
     if summary is None:
         tracking.set_terminated(run.uri, run.run_id, "FAILED")
         return
-    import json
 
     _send_missing_epochs(run, summary)
     files: dict[str, bytes] = {"config.yaml": to_yaml(config).encode(),
@@ -94,7 +95,6 @@ def close_training_run(run: TrackedRun | None, config: Config, summary: dict | N
 def _send_missing_epochs(run: TrackedRun, summary: dict) -> None:
     """Log the epochs of the run's history that never reached MLflow (the server was down when the worker sent
     them, and still down at the last epoch): the checkpoint's history is the record, MLflow a view of it."""
-    from dermray.models.checkpoint import read_history
 
     latest = summary.get("latest_checkpoint") or summary.get("checkpoint")
     logged = tracking.logged_steps(run.uri, run.run_id, "train_loss")

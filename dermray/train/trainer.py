@@ -12,25 +12,33 @@ import sys
 import time
 from collections import Counter
 
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
 from dermray import storage
 from dermray.config import Config, to_yaml
 from dermray.data.ingest import build_dataset, train_preset
 from dermray.data.manifest import Manifest, manifest_uri, read_manifest
+from dermray.data.sources import SourceOptions
+from dermray.data.stage import stage
 from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
+from dermray.evaluation.curves import curves_figure
 from dermray.models.backbones import build_model
 from dermray.models.checkpoint import ModelIdentity, read_history, warm_start_mismatch
 from dermray.ops import run_tracking
 from dermray.ops.run_tracking import TrackedRun
+from dermray.ray_runtime import debug_enabled, ensure_ray
 from dermray.taxonomy import melanoma_class, taxonomy_tree
+from dermray.train.callbacks import StopOnInputError
 from dermray.train.sizing import cpus_per_worker
 from dermray.train.worker import WorkerInputs, train_loop_per_worker
 
 
 def embedded_manifest(config: Config) -> str:
     """The embedded default's data: the synthetic dataset, staged once next to the run store."""
-    from dermray.data.sources import SourceOptions
-    from dermray.data.stage import stage
 
     out = storage.join(storage.parent(storage.normalize(config.run.storage)), "datasets", "synthetic")
     if not storage.exists(manifest_uri(out)):
@@ -49,7 +57,6 @@ def class_weights(manifest: Manifest, split: str) -> list[float]:
 
 def worker_resources(config: Config) -> tuple[dict, int]:
     """Resources per worker and torch threads (on a CPU cluster: ``dermray.train.sizing``)."""
-    import ray
 
     scaling = config.scaling
     if scaling.use_gpu:
@@ -82,7 +89,6 @@ def train(config: Config, callbacks: list | None = None, continue_from=None,
     ``continue_from`` is a ``ray.train.Checkpoint`` that a new run starts from (weights, optimizer, schedule and
     epoch counter: a population-based trial taking over another's model); the run's own checkpoints win.
     ``tracking_parent``: the sweep's MLflow run, which this run's MLflow run nests under."""
-    from dermray.ray_runtime import ensure_ray
 
     started = time.monotonic()
     if tracking_parent is None:
@@ -121,7 +127,6 @@ def train(config: Config, callbacks: list | None = None, continue_from=None,
 def write_curves(summary: dict, run_uri: str, config: Config) -> str | None:
     """``<run>/curves.png``: the whole history (resumed epochs included, from the latest checkpoint) with the
     best checkpoint's epoch marked; None when the run has no checkpoint to read it from."""
-    from dermray.evaluation.curves import curves_figure
 
     latest = summary.get("latest_checkpoint") or summary.get("checkpoint")
     if not latest:
@@ -145,7 +150,6 @@ def _checked_inputs(config: Config) -> tuple[Config, Manifest, list[str]]:
 
 
 def _datasets(config: Config, manifest: Manifest) -> dict:
-    import ray.data
 
     # With tqdm installed, Ray Data draws its progress bars from the datasets' split coordinators (Ray workers)
     # through log_to_driver: hundreds of broken lines per epoch. Without Ray's tqdm it logs progress at INFO
@@ -163,7 +167,6 @@ def _datasets(config: Config, manifest: Manifest) -> dict:
 
 def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_from,
                    tracked: TrackedRun | None) -> WorkerInputs:
-    from dermray.ray_runtime import debug_enabled
 
     train_rows = manifest.split(config.data.train_split).num_rows
     identity = ModelIdentity(
@@ -186,10 +189,7 @@ def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_fr
 
 
 def _torch_trainer(config: Config, inputs: WorkerInputs, datasets: dict, resources: dict, callbacks: list):
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from dermray.train.callbacks import StopOnInputError
 
     # S3 through a retrying filesystem: a short outage during a checkpoint upload costs no failure slot.
     storage_path, storage_filesystem = storage.train_storage(config.run.storage)
@@ -218,7 +218,6 @@ def _torch_trainer(config: Config, inputs: WorkerInputs, datasets: dict, resourc
 
 
 def _fit(trainer):
-    import ray.train
 
     try:
         return trainer.fit()

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dermray.config import Config
@@ -59,8 +63,6 @@ class _Phase:
 
 
 def train_loop_per_worker(train_loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
 
     inputs: WorkerInputs = train_loop_config["inputs"]
     _quiet_report_logging()
@@ -119,7 +121,6 @@ def _restore(config: Config, inputs: WorkerInputs, rank: int, device: torch.devi
     The run's own latest checkpoint (a relaunch) wins, else the one it was told to continue (a population-based
     trial taking over another trial's model): weights, optimizer, schedule and epoch counter alike. Else a warm
     start takes the weights only (the driver checked backbone and classes against its meta.json)."""
-    import ray.train
 
     model = build_model(config.model.backbone, len(inputs.identity.classes), config.model.weights)
     if device.type == "cuda":
@@ -143,7 +144,6 @@ def _start_phase(model: nn.Module, config: Config, epoch: int, steps_per_epoch: 
                  resume_state: dict | None) -> _Phase:
     """Freeze or unfreeze the backbone, build the phase's optimizer and schedule (restored when the checkpoint
     being resumed was saved in this phase) and wrap the model for DDP."""
-    import ray.train.torch
 
     name = _phase_name(epoch, config)
     head_only = name == "head"
@@ -163,7 +163,6 @@ def _start_phase(model: nn.Module, config: Config, epoch: int, steps_per_epoch: 
 
 def _batches(name: str, config: Config, inputs: WorkerInputs, device: torch.device):
     """The worker's shard of dataset ``name`` as uint8 torch batches (pinned on GPU workers)."""
-    import ray.train
 
     training = name == "train"
     # A small local shuffle buffer mixes training batches further (packed shards arrive shard by shard).
@@ -219,7 +218,6 @@ def _epoch_line(metrics: dict, epochs: int, eta_s: float) -> str:
 def _report(model: nn.Module, phase: _Phase, identity: ModelIdentity, epoch: int, metrics: dict,
             history: list[dict], rank: int) -> None:
     """Report the epoch to Ray Train; rank 0 attaches the checkpoint (every rank must call report)."""
-    import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
@@ -232,7 +230,6 @@ def _report(model: nn.Module, phase: _Phase, identity: ModelIdentity, epoch: int
 
 def _gather_predictions(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every worker's validation predictions, on every worker (so all ranks report identical metrics)."""
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return probs, labels
@@ -244,8 +241,6 @@ def _gather_predictions(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
 
 def _worker_nodes() -> int:
     """How many distinct Ray nodes the workers run on (proves spread placement on a multi-node cluster)."""
-    import ray
-    import torch.distributed as dist
 
     node = ray.get_runtime_context().get_node_id()
     if not (dist.is_available() and dist.is_initialized()):
@@ -256,7 +251,6 @@ def _worker_nodes() -> int:
 
 
 def _sum_over_workers(value: float, device: torch.device) -> float:
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value

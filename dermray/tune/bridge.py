@@ -14,7 +14,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import ray.tune
 from ray.train import UserCallback
+from ray.util.queue import Empty, Queue
 
 POLL_S = 1.0
 
@@ -23,7 +25,6 @@ class TuneBridge(UserCallback):
     """The Train-side half: runs in the Train controller, blocks each report until the trial took it."""
 
     def __init__(self, share_checkpoints: bool):
-        from ray.util.queue import Queue
 
         # Queues are small actors owned by the trial: they go when the trial goes (ASHA stop, PBT pause).
         self.reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -39,8 +40,6 @@ class TuneBridge(UserCallback):
 def train_reporting_to_tune(train: Callable[[list], dict], share_checkpoints: bool) -> dict:
     """Run ``train(callbacks)`` (a Train run) in a thread of this Tune trial, reporting each of its epochs to Tune
     from here; returns its summary or raises its error."""
-    import ray.tune
-    from ray.util.queue import Empty
 
     bridge = TuneBridge(share_checkpoints)
     outcome: dict = {}
