@@ -115,6 +115,12 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(mlflow_server):
     found = _client(mlflow_server).search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(r.info.run_id for r in found) == sorted(children)
     assert {r.info.run_name for r in found} == {"trial_0", "trial_1"}
+    # A trial that closed its own run keeps its status; one stopped from outside (ASHA) is closed by the sweep.
+    tracking.set_terminated(mlflow_server.uri, children[0], "FINISHED")
+    assert tracking.end_open_children(mlflow_server.uri, parent, lambda name: "KILLED") == 1
+    statuses = {c: _client(mlflow_server).get_run(c).info.status for c in children}
+    assert statuses == {children[0]: "FINISHED", children[1]: "KILLED"}
+    assert _client(mlflow_server).get_run(parent).info.status == "RUNNING"  # the parent is closed by its own end
 
 
 def test_an_evaluation_is_logged_to_the_checkpoints_finished_run(mlflow_server):

@@ -138,6 +138,8 @@ def test_a_sweep_is_a_parent_run_with_a_child_per_trial(mlflow_server, manifest,
     assert parent.info.run_id == summary["mlflow_run_id"] and parent.info.status == "FINISHED"
     children = _runs(mlflow_server, **{tracking.PARENT_TAG: parent.info.run_id})
     assert len(children) == 2
+    # Tune stops each trial from outside at its last epoch: the sweep closes their runs, as completed.
+    assert all(c.info.status == "FINISHED" for c in children), [c.info.status for c in children]
     assert sorted(float(c.data.params["train.lr"]) for c in children) == [0.001, 0.003]
     assert all(_steps(mlflow_server, c.info.run_id, "val_balanced_accuracy") == [1] for c in children)
     artifacts = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(parent.info.run_id)}

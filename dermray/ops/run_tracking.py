@@ -17,6 +17,7 @@ is a warning and never fails or changes what dermray does.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
@@ -120,8 +121,12 @@ def open_sweep_run(config: Config, sweep_dir: str) -> TrackedRun | None:
 
 
 def close_sweep_run(run: TrackedRun | None, summary: dict | None) -> None:
+    """The sweep's artifacts, best trial and end status. Tune stops a trial from outside (ASHA at a rung, and at
+    its last epoch), so a trial's own end-of-run code rarely runs: its run is closed here, FINISHED when the trial
+    completed its epochs, KILLED when it was stopped early or failed."""
     if run is None:
         return
+    tracking.end_open_children(run.uri, run.run_id, _trial_status(summary))
     if summary is None:
         tracking.set_terminated(run.uri, run.run_id, "FAILED")
         return
@@ -132,6 +137,21 @@ def close_sweep_run(run: TrackedRun | None, summary: dict | None) -> None:
     tracking.set_tags(run.uri, run.run_id, {"dermray.best_trial": summary["best_trial"],
                                             tracking.CHECKPOINT_TAG: summary.get("best_checkpoint") or ""})
     tracking.set_terminated(run.uri, run.run_id, "FINISHED")
+
+
+def _trial_status(summary: dict | None):
+    """Run name -> end status, from trials.csv (a trial's Train runs are named after it: ``<trial>`` or
+    ``<trial>-from-...`` under PBT)."""
+    import pandas as pd
+
+    completed: set[str] = set()
+    if summary is not None:
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(summary["results"])), dtype={"trial": str})
+        completed = set(table.loc[table["status"] == "completed", "trial"])
+
+    def status(run_name: str) -> tracking.RunStatus:
+        return "FINISHED" if run_name.split("-")[0] in completed else "KILLED"
+    return status
 
 
 def log_evaluation(checkpoint: str, checkpoint_config: dict, split: str, metrics: dict, report_uri: str) -> None:

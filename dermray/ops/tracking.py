@@ -43,7 +43,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -330,6 +330,25 @@ def log_artifacts(uri: str, run_id: str, files: Mapping[str, bytes | str | Path]
 def set_terminated(uri: str, run_id: str, status: RunStatus = "FINISHED") -> bool:
     """Close a run as FINISHED, FAILED or KILLED; False and a warning on failure."""
     return _safely(uri, "run end", _CONTROL, lambda client: client.set_terminated(run_id, status))
+
+
+def end_open_children(uri: str, parent_run_id: str, status_of: Callable[[str], RunStatus]) -> int:
+    """Close the child runs of ``parent_run_id`` still RUNNING, each with ``status_of(its run name)``: a trial
+    that Tune stops from outside (ASHA at a rung, or at its last epoch) never reaches its own end. How many were
+    closed; 0 and a warning on failure."""
+    ended: list[str] = []
+
+    def close(client: Any) -> None:
+        parent = client.get_run(parent_run_id)
+        running = client.search_runs([parent.info.experiment_id], max_results=1000,
+                                     filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                                                   "attributes.status = 'RUNNING'")
+        for run in running:
+            client.set_terminated(run.info.run_id, status_of(run.info.run_name or ""))
+            ended.append(run.info.run_id)
+
+    _safely(uri, "closing a sweep's trial runs", _CONTROL, close)
+    return len(ended)
 
 
 def log_evaluation(uri: str, run_id: str, metrics: Mapping[str, Any], report_html: bytes | str | Path | None = None,
