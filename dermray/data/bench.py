@@ -68,7 +68,6 @@ class MachineMemoryPeak:
     object store's shared memory, DataLoader workers (and anything else running meanwhile, so run it alone)."""
 
     def __enter__(self) -> MachineMemoryPeak:
-
         self.baseline = _memory_in_use_bytes()
         self.peak = 0
         self._stop = threading.Event()
@@ -160,7 +159,6 @@ class _ImageFiles:
         return len(self.uris)
 
     def __getitem__(self, index: int) -> np.ndarray:
-
         image = decode_rgb(storage.read_bytes(self.uris[index]), min_side=decode_size_hint(self.preset))
         return self.preset(image, np.random.default_rng())
 
@@ -209,8 +207,6 @@ def _measure_packed(table, ray_epochs, passes: int, pack_size: int, pack_to: str
 def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack: bool = False,
                  pack_size: int = 256, limit: int | None = None, batch_size: int = 32,
                  pack_to: str | None = None) -> dict:
-
-
     uris = list_images(images, limit)
     preset = train_preset(image_size, AugmentConfig(rotation_degrees=180))
     ensure_ray()
@@ -259,8 +255,6 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
 
 def bench_train(backbone: str, image_size: int, manifest: str | None = None, seconds: float = 20.0,
                 batch_size: int = 32, use_gpu: bool | None = None) -> dict:
-
-
     device = torch.device("cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu")
     model = build_model(backbone, 7).to(device)
     if device.type == "cuda":

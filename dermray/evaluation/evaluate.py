@@ -93,7 +93,6 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
 
 
 def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
-
     predicted = result.probs.argmax(axis=1)
     curves = []
     for c, name in enumerate(result.classes):

@@ -66,15 +66,12 @@ def saliency_examples(loaded: InferenceModel, manifest, split: str, per_class: i
 
 
 def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
-
     perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
 
 
 def explain(checkpoint: str, manifest: str, out: str | None = None, split: str = "test", per_class: int = 3,
             tsne_images: int = 2000) -> dict:
-
-
     started = time.monotonic()
     loaded_manifest = read_manifest(manifest)
     out = storage.normalize(out or storage.join(storage.normalize(checkpoint), f"explain-{split}"))

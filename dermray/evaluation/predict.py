@@ -68,8 +68,6 @@ def prediction_columns(batch: dict[str, np.ndarray], classes: list[str], tree: d
 
 
 def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: bool = False) -> dict:
-
-
     started = time.monotonic()
     meta = read_checkpoint_meta(checkpoint)
     classes, tree = list(meta["classes"]), meta.get("taxonomy")

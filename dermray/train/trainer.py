@@ -121,7 +121,10 @@ def train(config: Config, callbacks: list | None = None, continue_from=None,
         storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2))
         return summary
     finally:
-        run_tracking.close_training_run(tracked, config, summary)
+        # A sweep's trial is stopped from outside (Tune, at an ASHA rung or its last epoch), which lands here as
+        # an exception: its run is left to the sweep, which knows whether the trial completed.
+        if summary is not None or tracking_parent is None:
+            run_tracking.close_training_run(tracked, config, summary)
 
 
 def write_curves(summary: dict, run_uri: str, config: Config) -> str | None:
@@ -150,7 +153,6 @@ def _checked_inputs(config: Config) -> tuple[Config, Manifest, list[str]]:
 
 
 def _datasets(config: Config, manifest: Manifest) -> dict:
-
     # With tqdm installed, Ray Data draws its progress bars from the datasets' split coordinators (Ray workers)
     # through log_to_driver: hundreds of broken lines per epoch. Without Ray's tqdm it logs progress at INFO
     # instead, below RAY_DATA_LOG_LEVEL's WARNING; the per-epoch line is training's progress.
@@ -167,7 +169,6 @@ def _datasets(config: Config, manifest: Manifest) -> dict:
 
 def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_from,
                    tracked: TrackedRun | None) -> WorkerInputs:
-
     train_rows = manifest.split(config.data.train_split).num_rows
     identity = ModelIdentity(
         classes=manifest.classes, taxonomy=taxonomy_tree(manifest.taxonomy, manifest.classes),
@@ -189,8 +190,6 @@ def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_fr
 
 
 def _torch_trainer(config: Config, inputs: WorkerInputs, datasets: dict, resources: dict, callbacks: list):
-
-
     # S3 through a retrying filesystem: a short outage during a checkpoint upload costs no failure slot.
     storage_path, storage_filesystem = storage.train_storage(config.run.storage)
     return TorchTrainer(
@@ -218,7 +217,6 @@ def _torch_trainer(config: Config, inputs: WorkerInputs, datasets: dict, resourc
 
 
 def _fit(trainer):
-
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as error:

@@ -63,7 +63,6 @@ class _Phase:
 
 
 def train_loop_per_worker(train_loop_config: dict) -> None:
-
     inputs: WorkerInputs = train_loop_config["inputs"]
     _quiet_report_logging()
     if not inputs.debug:
@@ -251,7 +250,6 @@ def _worker_nodes() -> int:
 
 
 def _sum_over_workers(value: float, device: torch.device) -> float:
-
     if not (dist.is_available() and dist.is_initialized()):
         return value
     # On the worker's device: NCCL (the GPU backend) reduces CUDA tensors only; gloo takes CPU tensors.

@@ -25,7 +25,6 @@ class TuneBridge(UserCallback):
     """The Train-side half: runs in the Train controller, blocks each report until the trial took it."""
 
     def __init__(self, share_checkpoints: bool):
-
         # Queues are small actors owned by the trial: they go when the trial goes (ASHA stop, PBT pause).
         self.reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
         self.acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
