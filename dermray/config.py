@@ -94,6 +94,10 @@ class TrainConfig(_Strict):
     """Phase 1: epochs training only the new head on the frozen backbone (0 skips the phase)."""
     head_lr: float = Field(1e-3, gt=0.0)
     """Learning rate of phase 1 (the new head only)."""
+    head_on_cached_features: bool = False
+    """Phase 1 on cached features (the VGG16 recipe's source): the frozen backbone's penultimate features of the
+    train and val images are computed once by a Ray Data batch-inference pass (eval preset, no augmentation) and
+    kept in storage under the run, and the head trains on them without running the backbone again."""
     lr: float = Field(2e-3, gt=0.0)
     """Learning rate of phase 2 (the whole network fine-tuned), at the start of its schedule."""
     batch_size: int = Field(32, ge=1)
@@ -130,6 +134,8 @@ class TrainConfig(_Strict):
     def _phases_fit(self) -> TrainConfig:
         if self.head_epochs > self.epochs:
             raise ValueError(f"head_epochs ({self.head_epochs}) exceeds epochs ({self.epochs})")
+        if self.head_on_cached_features and self.head_epochs == 0:
+            raise ValueError("head_on_cached_features needs a head phase: set train.head_epochs above 0")
         return self
 
 

@@ -9,6 +9,7 @@ head is replaced afterwards, so torchvision's published state dicts load key for
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import pickle
 from collections.abc import Callable
@@ -212,6 +213,18 @@ def head_parameters(model: nn.Module, backbone: str) -> list[nn.Parameter]:
     """The parameters of every replaced head: the classifier, plus inception_v3's auxiliary classifier."""
     target = _unwrap(model)
     return [p for path in _head_paths(_spec(backbone)) for p in target.get_submodule(path).parameters()]
+
+
+def backbone_fingerprint(model: nn.Module, backbone: str) -> str:
+    """A SHA-256 of every weight and buffer outside the head(s): equal exactly when two models' frozen backbones
+    compute the same features (cached features are checked against it before a head trains on them)."""
+    head_keys = tuple(f"{path}." for path in _head_paths(_spec(backbone)))
+    digest = hashlib.sha256()
+    for key, tensor in sorted(_unwrap(model).state_dict().items()):
+        if not key.startswith(head_keys):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def set_backbone_trainable(model: nn.Module, backbone: str, trainable: bool) -> None:

@@ -82,6 +82,16 @@ def write_checkpoint(directory: str, identity: ModelIdentity, model: nn.Module, 
         json.dump(meta, handle, indent=2)
 
 
+def initial_model(config: Config, num_classes: int) -> nn.Module:
+    """The model a new run starts from: seeded random init or ImageNet weights (``model.weights``), then a warm
+    start's weights (``model.init_checkpoint``). Seeded, so every process that builds it gets the same weights."""
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model.backbone, num_classes, config.model.weights)
+    if config.model.init_checkpoint:
+        model.load_state_dict(read_checkpoint_state(config.model.init_checkpoint)["model"])
+    return model
+
+
 def read_history(checkpoint_uri: str) -> list[dict]:
     """The per-epoch history of the run up to this checkpoint (meta.json; older checkpoints: state.pt)."""
     meta = read_checkpoint_meta(checkpoint_uri)
@@ -143,7 +153,6 @@ class InferenceModel:
 
 def load_for_inference(checkpoint_uri: str, device: torch.device | str = "cpu") -> InferenceModel:
     """The checkpoint's model in eval mode on ``device`` (channels-last on GPU), its classes and taxonomy."""
-
 
     state = read_checkpoint_state(checkpoint_uri)
     config = Config.model_validate(state["config"])

@@ -1,7 +1,8 @@
 """Plain PyTorch training pieces (no Ray here): optimizers, schedules, one epoch of training, prediction.
 
-``train_one_epoch`` and ``evaluate`` take any iterable of ``{"image": uint8 NHWC, "label": int64}`` batches,
-so they run the same under Ray Train, in a benchmark, or in a unit test with a list of tensors.
+``train_one_epoch`` and ``predict`` take any iterable of ``{"image": uint8 NHWC, "label": int64}`` batches (or of
+``{"feature": float32 (N, D), "label": int64}``: a head trained on cached backbone features), so they run the same
+under Ray Train, in a benchmark, or in a unit test with a list of tensors.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def autocast_for(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> torch.Tensor:
+    """The batch as the model takes it: images normalised on the device, or cached features as they are."""
+    if "feature" in batch:
+        return batch["feature"].to(device, non_blocking=True).float()
+    return normalize_on_device(batch["image"], device, channels_last)
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -107,7 +115,7 @@ def train_one_epoch(
     # The loss is summed on the device: a .item() per step would make the host wait for the GPU every batch.
     total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
     for batch in batches:
-        images = normalize_on_device(batch["image"], device, channels_last)
+        images = model_inputs(batch, device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast_for(device, amp):
             logits, aux = split_logits(model(images))
@@ -134,7 +142,7 @@ def predict(
     channels_last = device.type == "cuda"
     probs, labels = [], []
     for batch in batches:
-        images = normalize_on_device(batch["image"], device, channels_last)
+        images = model_inputs(batch, device, channels_last)
         with autocast_for(device, amp):
             logits, _ = split_logits(model(images))
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())

@@ -7,6 +7,7 @@ resumes from the latest checkpoint, and reads the result back into one JSON-able
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -27,12 +28,19 @@ from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.evaluation.curves import curves_figure
 from dermray.models.backbones import build_model
-from dermray.models.checkpoint import ModelIdentity, read_history, warm_start_mismatch
+from dermray.models.checkpoint import (
+    ModelIdentity,
+    read_checkpoint_meta,
+    read_history,
+    read_ray_checkpoint_meta,
+    warm_start_mismatch,
+)
 from dermray.ops import run_tracking
 from dermray.ops.run_tracking import TrackedRun
 from dermray.ray_runtime import debug_enabled, ensure_ray
 from dermray.taxonomy import melanoma_class, taxonomy_tree
 from dermray.train.callbacks import StopOnInputError
+from dermray.train.feature_cache import head_datasets
 from dermray.train.sizing import cpus_per_worker
 from dermray.train.worker import WorkerInputs, train_loop_per_worker
 
@@ -111,6 +119,10 @@ def train(config: Config, callbacks: list | None = None, continue_from=None,
         storage.write_text(storage.join(run_uri, "config.yaml"), to_yaml(config))
         resources, threads = worker_resources(config)
         inputs = _worker_inputs(config, manifest, threads, continue_from, tracked)
+        if config.train.head_on_cached_features and _head_epochs_left(config, resumed_from, continue_from):
+            head_data, fingerprint = head_datasets(config, manifest, run_uri)
+            datasets |= head_data
+            inputs = dataclasses.replace(inputs, cached_features_of=fingerprint)
         result = _fit(_torch_trainer(config, inputs, datasets, resources, callbacks or []))
         summary = summarize(result, run_uri, resumed_from, time.monotonic() - started, config.data.manifest,
                             config.run.checkpoint_score)
@@ -165,6 +177,17 @@ def _datasets(config: Config, manifest: Manifest) -> dict:
                                seed=config.train.seed),
         "val": build_dataset(manifest, config.data.val_split, eval_preset, config.data.read_threads),
     }
+
+
+def _head_epochs_left(config: Config, resumed_from: str | None, continue_from) -> bool:
+    """Whether the run still has head-phase epochs to train (a relaunch after phase 1 needs no features)."""
+    if resumed_from:
+        done = read_checkpoint_meta(resumed_from)["epoch"] + 1
+    elif continue_from is not None:
+        done = read_ray_checkpoint_meta(continue_from)["epoch"] + 1
+    else:
+        done = 0
+    return done < config.train.head_epochs
 
 
 def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_from,

@@ -29,10 +29,18 @@ from torch import nn
 from dermray.config import Config
 from dermray.errors import DermrayError
 from dermray.evaluation.metrics import validation_metrics
-from dermray.models.backbones import build_model, freeze_batchnorm_stats, head_parameters, set_backbone_trainable
-from dermray.models.checkpoint import STATE_FILE, ModelIdentity, read_checkpoint_state, write_checkpoint
+from dermray.models.backbones import (
+    backbone_fingerprint,
+    build_model,
+    freeze_batchnorm_stats,
+    head_module,
+    head_parameters,
+    set_backbone_trainable,
+)
+from dermray.models.checkpoint import STATE_FILE, ModelIdentity, initial_model, write_checkpoint
 from dermray.ray_runtime import keep_off_console
 from dermray.train.engine import build_optimizer, build_scheduler, predict, set_hyperparameters, train_one_epoch
+from dermray.train.feature_cache import HEAD_DATASETS
 from dermray.train.progress import ProgressLine
 
 
@@ -47,6 +55,8 @@ class WorkerInputs:
     drop_last: bool = True
     torch_threads: int | None = None  # CPU workers: the CPUs each was given
     continue_from: Any = None  # a ray.train.Checkpoint a new run starts from (a PBT trial's takeover)
+    # train.head_on_cached_features: the fingerprint of the backbone the cached features came from (else None).
+    cached_features_of: str | None = None
     debug: bool = False  # DERMRAY_DEBUG: worker tracebacks stay on the console
     # Rank 0 calls each with (metrics, epoch number) after every epoch: the MLflow run's EpochLogger.log.
     epoch_observers: list = field(default_factory=list)
@@ -57,9 +67,10 @@ class _Phase:
     """The current phase: its name, the DDP-wrapped model and the phase's own optimizer and schedule."""
 
     name: str
-    model: nn.Module
+    model: nn.Module  # the whole network, or only its head when the phase trains on cached features
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    cached_features: bool = False
 
 
 def train_loop_per_worker(train_loop_config: dict) -> None:
@@ -91,7 +102,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
     run_started = time.perf_counter()
     for epoch in range(start_epoch, config.train.epochs):
         if _phase_name(epoch, config) != (phase and phase.name):
-            phase = _start_phase(model, config, epoch, steps_per_epoch, resume_state)
+            phase = _start_phase(model, config, inputs, epoch, steps_per_epoch, resume_state)
         # Rank 0 prints a line every few seconds inside the epoch (DERMRAY_PROGRESS_SECONDS; an epoch of a large
         # collection takes hours); its images count for every worker's, as the shards are equal.
         progress = (ProgressLine(epoch + 1, config.train.epochs, phase.name, steps_per_epoch)
@@ -121,25 +132,26 @@ def _restore(config: Config, inputs: WorkerInputs, rank: int, device: torch.devi
     trial taking over another trial's model): weights, optimizer, schedule and epoch counter alike. Else a warm
     start takes the weights only (the driver checked backbone and classes against its meta.json)."""
 
-    model = build_model(config.model.backbone, len(inputs.identity.classes), config.model.weights)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     checkpoint = ray.train.get_checkpoint() or inputs.continue_from
     if checkpoint is not None:
+        model = _on_device_layout(build_model(config.model.backbone, len(inputs.identity.classes)), device)
         with checkpoint.as_directory() as directory:
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         if rank == 0:
             _log(f"[dermray] resuming after epoch {state['epoch'] + 1} of {config.train.epochs}")
         return model, state, list(state.get("history", []))
-    if config.model.init_checkpoint:
-        model.load_state_dict(read_checkpoint_state(config.model.init_checkpoint)["model"])
-        if rank == 0:
-            _log(f"[dermray] starting from the weights of {config.model.init_checkpoint}")
+    model = _on_device_layout(initial_model(config, len(inputs.identity.classes)), device)
+    if config.model.init_checkpoint and rank == 0:
+        _log(f"[dermray] starting from the weights of {config.model.init_checkpoint}")
     return model, None, []
 
 
-def _start_phase(model: nn.Module, config: Config, epoch: int, steps_per_epoch: int,
+def _on_device_layout(model: nn.Module, device: torch.device) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _start_phase(model: nn.Module, config: Config, inputs: WorkerInputs, epoch: int, steps_per_epoch: int,
                  resume_state: dict | None) -> _Phase:
     """Freeze or unfreeze the backbone, build the phase's optimizer and schedule (restored when the checkpoint
     being resumed was saved in this phase) and wrap the model for DDP."""
@@ -156,32 +168,43 @@ def _start_phase(model: nn.Module, config: Config, epoch: int, steps_per_epoch: 
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         set_hyperparameters(optimizer, scheduler, lr, config.train.weight_decay)
-    # DDP registers gradient hooks for the parameters trainable when it wraps: re-wrap per phase.
-    return _Phase(name, ray.train.torch.prepare_model(model), optimizer, scheduler)
+    cached = head_only and inputs.cached_features_of is not None
+    if cached and backbone_fingerprint(model, config.model.backbone) != inputs.cached_features_of:
+        raise DermrayError("the cached head-phase features were computed from other backbone weights than this "
+                           "worker's model; delete the run's features/ folder and relaunch")
+    # DDP registers gradient hooks for the parameters trainable when it wraps: re-wrap per phase. On cached
+    # features only the head runs, so only the head is wrapped.
+    trained = head_module(model, config.model.backbone) if cached else model
+    return _Phase(name, ray.train.torch.prepare_model(trained), optimizer, scheduler, cached)
 
 
-def _batches(name: str, config: Config, inputs: WorkerInputs, device: torch.device):
-    """The worker's shard of dataset ``name`` as uint8 torch batches (pinned on GPU workers)."""
+def _batches(name: str, config: Config, inputs: WorkerInputs, device: torch.device, training: bool):
+    """The worker's shard of dataset ``name`` as torch batches (pinned on GPU workers): uint8 images, or the
+    float32 features of a cached head phase."""
 
-    training = name == "train"
+    features = name in HEAD_DATASETS.values()
     # A small local shuffle buffer mixes training batches further (packed shards arrive shard by shard).
     return ray.train.get_dataset_shard(name).iter_torch_batches(
         batch_size=config.train.batch_size, prefetch_batches=config.data.prefetch_batches,
-        dtypes={"image": torch.uint8, "label": torch.int64}, device="cpu", pin_memory=device.type == "cuda",
-        drop_last=training and inputs.drop_last,
-        local_shuffle_buffer_size=4 * config.train.batch_size if training else None,
+        dtypes={"feature" if features else "image": torch.float32 if features else torch.uint8, "label": torch.int64},
+        device="cpu", pin_memory=device.type == "cuda", drop_last=training and inputs.drop_last,
+        local_shuffle_buffer_size=4 * config.train.batch_size if training and not features else None,
     )
 
 
 def _train_and_validate(phase: _Phase, config: Config, inputs: WorkerInputs, criterion: nn.Module,
                         device: torch.device, epoch: int, on_batch=None) -> dict:
     """One epoch of training and validation; the epoch's metrics, identical on every worker."""
-    frozen_bn = (lambda m: freeze_batchnorm_stats(m, config.model.backbone)) if phase.name == "head" else None
+    names = HEAD_DATASETS if phase.cached_features else {"train": "train", "val": "val"}
+    frozen_bn = ((lambda m: freeze_batchnorm_stats(m, config.model.backbone))
+                 if phase.name == "head" and not phase.cached_features else None)
     stats = train_one_epoch(
-        phase.model, _batches("train", config, inputs, device), phase.optimizer, phase.scheduler, criterion, device,
-        config.train.amp, config.train.aux_loss_weight, after_train_mode=frozen_bn, on_batch=on_batch,
+        phase.model, _batches(names["train"], config, inputs, device, training=True), phase.optimizer,
+        phase.scheduler, criterion, device, config.train.amp, config.train.aux_loss_weight,
+        after_train_mode=frozen_bn, on_batch=on_batch,
     )
-    probs, labels = predict(phase.model, _batches("val", config, inputs, device), device, config.train.amp)
+    probs, labels = predict(phase.model, _batches(names["val"], config, inputs, device, training=False), device,
+                            config.train.amp)
     probs, labels = _gather_predictions(probs, labels)
     images = _sum_over_workers(stats.images, device)
     if images == 0 or len(labels) == 0:

@@ -1,0 +1,139 @@
+"""Phase 1 on cached features (``train.head_on_cached_features``), as the VGG16 transfer-learning source does it.
+
+A frozen backbone computes the same features for an image every epoch when nothing augments it, so the head phase
+need not run it more than once: a Ray Data batch-inference pass (the eval preset, no augmentation, as in the
+source) writes the penultimate features of the train and val images to ``<run>/features/``, and the workers train
+the head on those rows. Phase 2 fine-tunes the whole network on the images, as without the cache.
+
+The features belong to one backbone's weights: ``features.json`` records their fingerprint (with the manifest, the
+geometry and the sampling), a relaunch reuses features whose record matches and recomputes any other, and each
+worker checks the fingerprint against its own model before the head trains on them.
+
+Inception v3's auxiliary head reads an intermediate map, not the penultimate features: in a cached phase only the
+main head trains (phase 2 trains both).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+
+from dermray import storage
+from dermray.config import Config
+from dermray.data.ingest import build_dataset, normalize_on_device
+from dermray.data.manifest import Manifest
+from dermray.data.transforms import EvalPreset
+from dermray.evaluation.inference import actor_pool
+from dermray.models.backbones import backbone_fingerprint, head_module
+from dermray.models.checkpoint import initial_model
+from dermray.train.engine import autocast_for
+
+FEATURES_DIR = "features"
+RECORD_FILE = "features.json"
+# The worker's dataset names for the cached phase (beside "train" and "val", the images of phase 2).
+HEAD_DATASETS = {"train": "head_train", "val": "head_val"}
+
+
+class FeatureExtractor:
+    """The Ray Data actor: the run's initial model in eval mode, returning the input of its final classifier
+    Linear (the penultimate features) for each uint8 image batch, with each row's label and image URI."""
+
+    def __init__(self, config: dict, num_classes: int):
+        config = Config.model_validate(config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = initial_model(config, num_classes).to(self.device).eval()
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.head = head_module(model, config.model.backbone)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captured: list[torch.Tensor] = []
+        hook = self.head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
+        try:
+            x = normalize_on_device(torch.from_numpy(batch["image"]), self.device,
+                                    channels_last=self.device.type == "cuda")
+            with autocast_for(self.device, "auto"):
+                self.model(x)
+        finally:
+            hook.remove()
+        return {"feature": captured[0].float().flatten(1).cpu().numpy(), "label": batch["label"],
+                "image_uri": batch["image_uri"]}
+
+
+def head_datasets(config: Config, manifest: Manifest, run_uri: str) -> tuple[dict, str]:
+    """({"head_train": ..., "head_val": ...} datasets of cached features, the backbone fingerprint they belong to),
+    computing the features unless the run already holds ones that match."""
+
+    fingerprint = backbone_fingerprint(initial_model(config, len(manifest.classes)), config.model.backbone)
+    root = storage.join(run_uri, FEATURES_DIR)
+    record_uri = storage.join(root, RECORD_FILE)
+    key = {
+        "fingerprint": fingerprint, "manifest": config.data.manifest, "image_size": config.image_size,
+        "resize_ratio": config.data.resize_ratio, "splits": [config.data.train_split, config.data.val_split],
+        "imbalance": config.train.imbalance, "seed": config.train.seed,
+    }
+    record = json.loads(storage.read_text(record_uri)) if storage.exists(record_uri) else None
+    if record is not None and record.get("key") == key:
+        _log(f"[dermray] head phase: reusing the cached features under {root}")
+    else:
+        record = _compute(config, manifest, root, key)
+        storage.write_text(record_uri, json.dumps(record, indent=2))
+    return {HEAD_DATASETS[role]: _read(storage.join(root, role), shuffle=role == "train")
+            for role in HEAD_DATASETS}, fingerprint
+
+
+def _compute(config: Config, manifest: Manifest, root: str, key: dict) -> dict:
+    started = time.perf_counter()
+    preset = EvalPreset(image_size=config.image_size, resize_ratio=config.data.resize_ratio)
+    rows = {}
+    for role, split in (("train", config.data.train_split), ("val", config.data.val_split)):
+        # The training rows are the ones phase 1 would see without the cache: balanced sampling draws the same
+        # resample (same function, same seed), each augmentation-free image once per draw.
+        dataset = build_dataset(manifest, split, preset, config.data.read_threads,
+                                balanced=role == "train" and config.train.imbalance == "balanced_sampling",
+                                seed=config.train.seed, passthrough=("image_uri",)).map_batches(
+            FeatureExtractor, fn_constructor_kwargs={"config": config.model_dump(mode="json"),
+                                                     "num_classes": len(manifest.classes)},
+            batch_size=64, batch_format="numpy", **actor_pool(ray.cluster_resources()))
+        target = storage.join(root, role)
+        if storage.exists(target):
+            storage.delete(target)  # features of other weights: never mixed with the new ones
+        dataset.write_parquet(target if storage.is_s3(target) else storage.normalize(target))
+        rows[role] = sum(_row_counts(target))
+    seconds = round(time.perf_counter() - started, 1)
+    _log(f"[dermray] head phase: cached the frozen backbone's features of {rows['train']} train and {rows['val']} "
+         f"val images in {seconds:.0f} s under {root}")
+    return {"key": key, "rows": rows, "seconds": seconds}
+
+
+def _parquet_files(uri: str) -> list[str]:
+    return sorted(f for f in storage.list_files(uri) if f.endswith(".parquet"))
+
+
+def _row_counts(uri: str) -> list[int]:
+    counts = []
+    for file in _parquet_files(uri):
+        fs, path = storage.resolve(file)
+        with fs.open_input_file(path) as handle:
+            counts.append(pq.ParquetFile(handle).metadata.num_rows)
+    return counts
+
+
+def _read(uri: str, shuffle: bool):
+    # The workers take tensors only: the image URIs stay in the files (which image a feature row is).
+    dataset = ray.data.read_parquet(_parquet_files(uri)).select_columns(["feature", "label"])
+    # The features of a whole split are small (512 floats an image for resnet18): shuffled anew every epoch.
+    return dataset.random_shuffle() if shuffle else dataset
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
