@@ -4,7 +4,6 @@ handed over as uint8 NHWC batches with their labels."""
 import io
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -13,8 +12,9 @@ from dermray import storage
 from dermray.config import AugmentConfig
 from dermray.data.ingest import (
     IMAGENET_MEAN,
+    BalancedDraw,
     DecodeAndTransform,
-    balanced_rows,
+    balanced_copies,
     build_dataset,
     normalize_on_device,
     train_preset,
@@ -56,12 +56,44 @@ def test_train_augmentation_differs_between_epochs(isic2018_manifest_s3):
     assert not np.array_equal(one.mean(axis=(1, 2, 3)), two.mean(axis=(1, 2, 3)))
 
 
-def test_balanced_rows_equalise_classes_and_keep_length():
-    labels = [0] * 90 + [1] * 9 + [2] * 1
-    table = pa.table({"image_uri": [f"u{i}" for i in range(100)], "label": labels})
-    balanced = balanced_rows(table, 4, seed=0)
-    counts = np.bincount(balanced["label"].to_numpy(), minlength=4)
-    assert counts.tolist() == [33, 33, 33, 0]
+def test_balanced_sampling_draws_every_class_equally_and_afresh_every_epoch():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    copies = balanced_copies(labels, 4)  # class 3 has no images
+    assert copies == pytest.approx((33 / 90, 33 / 9, 33.0, 0.0))
+    batch = {"image_uri": np.array([f"u{i}" for i in range(100)]), "label": labels}
+    draw = BalancedDraw(copies)
+    epochs = [draw(batch) for _ in range(40)]
+    for epoch in epochs:
+        counts = np.bincount(epoch["label"], minlength=4)
+        assert counts[2] == 33 and counts[3] == 0  # the single image 33 times, the absent class never
+        assert 27 <= counts[1] <= 36  # each of the 9 images 3 or 4 times
+        assert 10 <= counts[0] <= 60  # about 33 of the 90
+        rows = np.array([int(uri[1:]) for uri in epoch["image_uri"]])
+        assert (labels[rows] == epoch["label"]).all()  # every copy keeps its own image's label
+    majority_seen = {u for epoch in epochs for u, label in zip(epoch["image_uri"], epoch["label"]) if label == 0}
+    assert len(majority_seen) == 90  # a fresh draw each epoch: every majority image takes its turn
+    assert np.mean([np.bincount(e["label"], minlength=4)[0] for e in epochs]) == pytest.approx(33, abs=3)
+    assert epochs[0]["image_uri"].tolist() != epochs[1]["image_uri"].tolist()
+
+
+def test_a_balanced_training_dataset_draws_anew_each_epoch(isic2018_manifest_s3):
+    manifest = read_manifest(isic2018_manifest_s3)
+    ds = build_dataset(manifest, "train", train_preset(32, AugmentConfig()), shuffle=True, balanced=True,
+                       passthrough=("image_uri",))
+    labels = manifest.split("train")["label"].to_numpy()
+    present = np.flatnonzero(np.bincount(labels, minlength=len(manifest.classes)))
+    epochs = []
+    for _ in range(2):
+        rows = [b for b in ds.iter_batches(batch_size=64, batch_format="numpy")]
+        epochs.append((np.concatenate([b["label"] for b in rows]), np.concatenate([b["image_uri"] for b in rows])))
+    for drawn, _ in epochs:
+        counts = np.bincount(drawn, minlength=len(manifest.classes))[present]
+        per_class = len(labels) // len(present)
+        assert abs(len(drawn) - per_class * len(present)) <= 3 * np.sqrt(len(labels))  # the epoch keeps its length
+        assert counts.min() >= 0.5 * per_class and counts.max() <= 1.5 * per_class, counts  # the classes even out
+    majority = np.bincount(labels).argmax()
+    first, second = ({u for u, label in zip(uris, drawn) if label == majority} for drawn, uris in epochs)
+    assert first != second  # another subset of the majority class in the second epoch
 
 
 def test_normalize_on_device_gives_channels_last_imagenet_normalised():

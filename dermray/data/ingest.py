@@ -108,18 +108,29 @@ class DecodeAndTransform:
         return out
 
 
-def balanced_rows(table: pa.Table, num_classes: int, seed: int) -> pa.Table:
-    """Resample rows so every present class is equally frequent, keeping the epoch length (minority classes
-    oversampled, majority undersampled)."""
-    labels = table["label"].to_numpy()
-    present = [c for c in range(num_classes) if (labels == c).any()]
-    per_class = max(1, len(labels) // len(present))
-    rng = np.random.default_rng(seed)
-    picks = [
-        rng.choice(np.flatnonzero(labels == c), size=per_class, replace=(labels == c).sum() < per_class)
-        for c in present
-    ]
-    return table.take(pa.array(np.concatenate(picks)))
+def balanced_copies(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """Expected copies of one row per epoch, by class, so that every present class is equally frequent and the
+    epoch keeps its length (a minority class's rows are repeated, a majority's thinned; absent classes: 0)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    present = int((counts > 0).sum())
+    per_class = max(1, len(labels) // max(present, 1))
+    return tuple(per_class / n if n else 0.0 for n in counts.tolist())
+
+
+@dataclass(frozen=True)
+class BalancedDraw:
+    """The per-batch map of class-balanced sampling: each row is kept ``floor(c)`` or ``floor(c) + 1`` times, with
+    ``c`` its class's expected copies. The draw is fresh every epoch (OS entropy, as for augmentation), so the
+    majority class's images all take their turn over the epochs instead of one subset drawn once for the run."""
+
+    copies: tuple[float, ...]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = np.asarray(self.copies)[batch["label"]]
+        whole = np.floor(expected)
+        count = whole.astype(np.int64) + (np.random.default_rng().random(len(expected)) < expected - whole)
+        index = np.repeat(np.arange(len(expected)), count)
+        return {name: column[index] for name, column in batch.items()}
 
 
 def build_dataset(
@@ -129,7 +140,6 @@ def build_dataset(
     read_threads: int = 8,
     shuffle: bool = False,
     balanced: bool = False,
-    seed: int = 0,
     passthrough: tuple[str, ...] = (),
     passes: int = 1,
 ):
@@ -153,14 +163,16 @@ def build_dataset(
         columns = ["image", *rows.column_names]
         return _packed_dataset(manifest, split, shuffle, _rows_per_block(rows.num_rows, packed=True),
                                columns).map_batches(transform, batch_size=32, batch_format="numpy")
-    if balanced:
-        # Resampling needs the row list: balanced sampling reads the per-image layout even when packed.
-        rows = balanced_rows(rows, len(manifest.classes), seed)
     if passes > 1:
         rows = pa.concat_tables([rows] * passes)
     # Slices of the row table, not a repartition: that is an all-to-all step the pipeline would wait on every epoch.
     step = _rows_per_block(rows.num_rows)
     ds = ray.data.from_arrow([rows.slice(start, step) for start in range(0, rows.num_rows, step)])
+    if balanced:
+        # The draw needs the row list: balanced sampling reads the per-image layout even when packed. It runs on the
+        # rows, before any image is read, and before the shuffle, which then mixes a row's copies apart.
+        ds = ds.map_batches(BalancedDraw(balanced_copies(rows["label"].to_numpy(), len(manifest.classes))),
+                            batch_format="numpy")
     if shuffle:
         # Shuffling the tiny manifest rows (not the decoded pixels) is cheap; it re-runs every epoch.
         ds = ds.random_shuffle()

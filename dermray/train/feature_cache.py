@@ -2,11 +2,12 @@
 
 A frozen backbone computes the same features for an image every epoch when nothing augments it, so the head phase
 need not run it more than once: a Ray Data batch-inference pass (the eval preset, no augmentation, as in the
-source) writes the penultimate features of the train and val images to ``<run>/features/``, and the workers train
-the head on those rows. Phase 2 fine-tunes the whole network on the images, as without the cache.
+source) writes the penultimate features of the train and val images to ``<run>/features/``, each image once, and the
+workers train the head on those rows (with balanced sampling, drawn per epoch as the images would be). Phase 2
+fine-tunes the whole network on the images, as without the cache.
 
 The features belong to one backbone's weights: ``features.json`` records their fingerprint (with the manifest, the
-geometry and the sampling), a relaunch reuses features whose record matches and recomputes any other, and each
+geometry and the splits), a relaunch reuses features whose record matches and recomputes any other, and each
 worker checks the fingerprint against its own model before the head trains on them.
 
 Inception v3's auxiliary head reads an intermediate map, not the penultimate features: in a cached phase only the
@@ -27,7 +28,7 @@ import torch
 
 from dermray import storage
 from dermray.config import Config
-from dermray.data.ingest import build_dataset, normalize_on_device
+from dermray.data.ingest import BalancedDraw, balanced_copies, build_dataset, normalize_on_device
 from dermray.data.manifest import Manifest
 from dermray.data.transforms import EvalPreset
 from dermray.evaluation.inference import actor_pool
@@ -79,7 +80,7 @@ def head_datasets(config: Config, manifest: Manifest, run_uri: str) -> tuple[dic
     key = {
         "fingerprint": fingerprint, "manifest": config.data.manifest, "image_size": config.image_size,
         "resize_ratio": config.data.resize_ratio, "splits": [config.data.train_split, config.data.val_split],
-        "imbalance": config.train.imbalance, "seed": config.train.seed,
+        "seed": config.train.seed,
     }
     record = json.loads(storage.read_text(record_uri)) if storage.exists(record_uri) else None
     if record is not None and record.get("key") == key:
@@ -87,8 +88,10 @@ def head_datasets(config: Config, manifest: Manifest, run_uri: str) -> tuple[dic
     else:
         record = _compute(config, manifest, root, key)
         storage.write_text(record_uri, json.dumps(record, indent=2))
-    return {HEAD_DATASETS[role]: _read(storage.join(root, role), shuffle=role == "train")
-            for role in HEAD_DATASETS}, fingerprint
+    copies = (balanced_copies(manifest.split(config.data.train_split)["label"].to_numpy(), len(manifest.classes))
+              if config.train.imbalance == "balanced_sampling" else None)
+    return {HEAD_DATASETS["train"]: _read(storage.join(root, "train"), training=True, copies=copies),
+            HEAD_DATASETS["val"]: _read(storage.join(root, "val"))}, fingerprint
 
 
 def _compute(config: Config, manifest: Manifest, root: str, key: dict) -> dict:
@@ -96,11 +99,9 @@ def _compute(config: Config, manifest: Manifest, root: str, key: dict) -> dict:
     preset = EvalPreset(image_size=config.image_size, resize_ratio=config.data.resize_ratio)
     rows = {}
     for role, split in (("train", config.data.train_split), ("val", config.data.val_split)):
-        # The training rows are the ones phase 1 would see without the cache: balanced sampling draws the same
-        # resample (same function, same seed), each augmentation-free image once per draw.
+        # Every image once: balanced sampling draws from these rows per epoch, as it draws from the images.
         dataset = build_dataset(manifest, split, preset, config.data.read_threads,
-                                balanced=role == "train" and config.train.imbalance == "balanced_sampling",
-                                seed=config.train.seed, passthrough=("image_uri",)).map_batches(
+                                passthrough=("image_uri",)).map_batches(
             FeatureExtractor, fn_constructor_kwargs={"config": config.model_dump(mode="json"),
                                                      "num_classes": len(manifest.classes)},
             batch_size=64, batch_format="numpy", **actor_pool(ray.cluster_resources()))
@@ -128,11 +129,15 @@ def _row_counts(uri: str) -> list[int]:
     return counts
 
 
-def _read(uri: str, shuffle: bool):
+def _read(uri: str, training: bool = False, copies: tuple[float, ...] | None = None):
     # The workers take tensors only: the image URIs stay in the files (which image a feature row is).
     dataset = ray.data.read_parquet(_parquet_files(uri)).select_columns(["feature", "label"])
+    if not training:
+        return dataset
+    if copies is not None:  # balanced sampling: the same fresh draw per epoch as the images get
+        dataset = dataset.map_batches(BalancedDraw(copies), batch_format="numpy")
     # The features of a whole split are small (512 floats an image for resnet18): shuffled anew every epoch.
-    return dataset.random_shuffle() if shuffle else dataset
+    return dataset.random_shuffle()
 
 
 def _log(message: str) -> None:

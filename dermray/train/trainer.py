@@ -173,8 +173,7 @@ def _datasets(config: Config, manifest: Manifest) -> dict:
     eval_preset = EvalPreset(image_size=config.image_size, resize_ratio=config.data.resize_ratio)
     return {
         "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
-                               shuffle=True, balanced=config.train.imbalance == "balanced_sampling",
-                               seed=config.train.seed),
+                               shuffle=True, balanced=config.train.imbalance == "balanced_sampling"),
         "val": build_dataset(manifest, config.data.val_split, eval_preset, config.data.read_threads),
     }
 
