@@ -9,12 +9,14 @@ photograph of the same lesion.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import ray.data
 import torch
 
 from dermray.data.ingest import normalize_on_device
-from dermray.models.backbones import head_module, split_logits
+from dermray.models.backbones import captured_head_inputs, split_logits
 from dermray.models.checkpoint import InferenceModel, load_for_inference
 from dermray.train.engine import autocast_for
 
@@ -38,14 +40,9 @@ def predict_probabilities(loaded: InferenceModel, images: torch.Tensor, tta: int
     """(softmax probabilities (N, K) averaged over ``tta`` views, penultimate features (N, D) of the identity
     view or None) for a uint8 NHWC batch."""
     device = next(loaded.model.parameters()).device
-    captured: list[torch.Tensor] = []
-    hook = None
-    if features:
-        # The input of the final classifier Linear is the penultimate representation, for every backbone.
-        hook = head_module(loaded.model, loaded.backbone).register_forward_hook(
-            lambda _module, inputs, _output: captured.append(inputs[0].detach().float())
-        )
-    try:
+    # The input of the final classifier Linear is the penultimate representation, for every backbone.
+    capture = captured_head_inputs(loaded.model, loaded.backbone) if features else nullcontext([])
+    with capture as captured:
         total = None
         images = images.to(device, non_blocking=True)
         for view in range(max(1, min(tta, TTA_VIEWS))):
@@ -54,11 +51,8 @@ def predict_probabilities(loaded: InferenceModel, images: torch.Tensor, tta: int
                 logits, _ = split_logits(loaded.model(x))
             probs = torch.softmax(logits.float(), dim=1)
             total = probs if total is None else total + probs
-    finally:
-        if hook is not None:
-            hook.remove()
     averaged = (total / max(1, min(tta, TTA_VIEWS))).cpu().numpy()
-    return averaged, (captured[0].flatten(1).cpu().numpy() if features else None)
+    return averaged, (captured[0].float().flatten(1).cpu().numpy() if features else None)
 
 
 class Predictor:

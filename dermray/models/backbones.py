@@ -12,7 +12,8 @@ import functools
 import hashlib
 import io
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,19 @@ def load_weights(model: nn.Module, uri: str, backbone: str | None = None) -> Non
 def head_module(model: nn.Module, backbone: str) -> nn.Module:
     """The final classifier Linear of a ``build_model(backbone, ...)`` model, DDP-wrapped or not."""
     return _unwrap(model).get_submodule(_spec(backbone).head)
+
+
+@contextmanager
+def captured_head_inputs(model: nn.Module, backbone: str) -> Iterator[list[torch.Tensor]]:
+    """Collects, while open, the input of the final classifier Linear on every forward pass: the penultimate
+    features (N, D), detached, one tensor per pass."""
+    captured: list[torch.Tensor] = []
+    hook = head_module(model, backbone).register_forward_hook(
+        lambda _module, inputs, _output: captured.append(inputs[0].detach()))
+    try:
+        yield captured
+    finally:
+        hook.remove()
 
 
 def head_parameters(model: nn.Module, backbone: str) -> list[nn.Parameter]:

@@ -32,7 +32,7 @@ from dermray.data.ingest import BalancedDraw, balanced_copies, build_dataset, no
 from dermray.data.manifest import Manifest
 from dermray.data.transforms import EvalPreset
 from dermray.evaluation.inference import actor_pool
-from dermray.models.backbones import backbone_fingerprint, head_module
+from dermray.models.backbones import backbone_fingerprint, captured_head_inputs
 from dermray.models.checkpoint import initial_model
 from dermray.train.engine import autocast_for
 
@@ -53,19 +53,13 @@ class FeatureExtractor:
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.head = head_module(model, config.model.backbone)
+        self.backbone = config.model.backbone
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        captured: list[torch.Tensor] = []
-        hook = self.head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
-        try:
-            x = normalize_on_device(torch.from_numpy(batch["image"]), self.device,
-                                    channels_last=self.device.type == "cuda")
-            with autocast_for(self.device, "auto"):
-                self.model(x)
-        finally:
-            hook.remove()
+        x = normalize_on_device(torch.from_numpy(batch["image"]), self.device, channels_last=self.device.type == "cuda")
+        with captured_head_inputs(self.model, self.backbone) as captured, autocast_for(self.device, "auto"):
+            self.model(x)
         return {"feature": captured[0].float().flatten(1).cpu().numpy(), "label": batch["label"],
                 "image_uri": batch["image_uri"]}
 
