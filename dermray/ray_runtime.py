@@ -6,11 +6,6 @@ import logging
 import os
 import socket
 
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-# Ray Data logs every dataset execution plan at INFO, once per epoch per split: dozens of lines that bury
-# dermray's own progress lines. Processes of a local instance inherit this; set it to INFO to see them again.
-os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-
 
 def ensure_ray() -> None:
     """Connect once per process. Under `ray job submit` RAY_ADDRESS names the cluster; otherwise a local

@@ -91,12 +91,15 @@ def test_cli_stage_prints_one_json_line(tmp_path, attached_env):
         (tmp_path / "img" / cls).mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (32, 32), (i * 30, 60, 90)).save(tmp_path / "img" / cls / f"{i}.jpg")
-    result = _cli("stage", "folder", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out"),
-                  env=attached_env)
+    # As a user's shell runs it: without the Ray Data log level this test process inherited from dermray's import.
+    env = {key: value for key, value in attached_env.items() if key != "RAY_DATA_LOG_LEVEL"}
+    result = _cli("stage", "folder", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out"), env=env)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["images"] == 12 and summary["skipped"] == 0
     assert pq.read_table(summary["manifest"]).num_rows == 12
+    # stderr is a pipe here: no progress bars, and none of Ray Data's INFO lines (plans, 10 s progress blocks).
+    assert "streaming_executor" not in result.stderr and "logging_progress" not in result.stderr, result.stderr
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path):

@@ -9,8 +9,8 @@ How Ray 2.60 picks the display, once per dataset execution, in the process that 
 - else, when ``sys.stdout`` is not a terminal (and not a Ray worker with ``use_ray_tqdm``): a text block logged
   at INFO every ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds (10) by the
   ``ray.data._internal.progress.logging_progress`` logger. dermray sets ``RAY_DATA_LOG_LEVEL=WARNING``
-  (``dermray.ray_runtime``), which hides it, and leaves it hidden: a job's log or a script capturing stderr
-  gets no 7-line block every 10 s (and a bad input's error stays the one line on stderr);
+  (``dermray/__init__.py``, before any Ray import), which hides it, and leaves it hidden: a job's log or a
+  script capturing stderr gets no 7-line block every 10 s (and a bad input's error stays the one line on stderr);
 - else tqdm bars: with ``use_ray_tqdm`` (Ray's default) through ``ray.experimental.tqdm_ray``, which in the driver
   also replaces ``builtins.print`` with its own; without it, plain ``tqdm.tqdm`` on ``sys.stderr``. Either way
   without tqdm installed: no bars, and "tqdm is not installed. Progress bars will be disabled." (tqdm_ray) or
