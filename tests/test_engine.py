@@ -47,3 +47,32 @@ def test_setting_the_same_hyperparameters_changes_nothing():
     before = optimizer.param_groups[0]["lr"]
     set_hyperparameters(optimizer, scheduler, lr=2e-3, weight_decay=0.02)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(before)
+
+
+def test_bf16_on_cpu_trains_channels_last_and_predicts_like_full_precision():
+    """train.amp=bf16 on a CPU: autocast with channels-last memory (oneDNN's bf16 path). It must still learn,
+    and its probabilities must stay close to the same model's in full precision."""
+    from torch import nn
+
+    from dermray.models.backbones import build_model
+    from dermray.train.engine import channels_last_for, predict, train_one_epoch
+
+    cpu = torch.device("cpu")
+    assert channels_last_for(cpu, "bf16") and not channels_last_for(cpu, "auto") and not channels_last_for(cpu, "off")
+    torch.manual_seed(0)
+    # Two classes a model can tell apart: dark and bright images, uint8 HWC as the pipeline delivers them.
+    labels = torch.arange(64) % 2
+    images = (labels.view(-1, 1, 1, 1) * 150 + torch.randint(0, 100, (64, 28, 28, 3))).to(torch.uint8)  # NHWC
+    batches = [{"image": images[i:i + 16], "label": labels[i:i + 16]} for i in range(0, 64, 16)]
+    model = build_model("small_cnn", 2).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    criterion = nn.CrossEntropyLoss()
+    losses = [train_one_epoch(model, batches, optimizer, scheduler, criterion, cpu, amp="bf16").loss
+              for _ in range(4)]
+    assert losses[-1] < 0.5 * losses[0], losses
+    probs_bf16, seen = predict(model, batches, cpu, amp="bf16")
+    probs_fp32, _ = predict(model, batches, cpu, amp="off")
+    assert (seen == labels.numpy()).all()
+    assert float(abs(probs_bf16 - probs_fp32).max()) < 0.05
+    assert (probs_bf16.argmax(1) == labels.numpy()).mean() >= 0.9

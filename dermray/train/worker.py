@@ -39,7 +39,14 @@ from dermray.models.backbones import (
 )
 from dermray.models.checkpoint import STATE_FILE, ModelIdentity, initial_model, write_checkpoint
 from dermray.ray_runtime import keep_off_console
-from dermray.train.engine import build_optimizer, build_scheduler, predict, set_hyperparameters, train_one_epoch
+from dermray.train.engine import (
+    build_optimizer,
+    build_scheduler,
+    channels_last_for,
+    predict,
+    set_hyperparameters,
+    train_one_epoch,
+)
 from dermray.train.feature_cache import HEAD_DATASETS
 from dermray.train.progress import ProgressLine
 
@@ -134,21 +141,21 @@ def _restore(config: Config, inputs: WorkerInputs, rank: int, device: torch.devi
 
     checkpoint = ray.train.get_checkpoint() or inputs.continue_from
     if checkpoint is not None:
-        model = _on_device_layout(build_model(config.model.backbone, len(inputs.identity.classes)), device)
+        model = _on_device_layout(build_model(config.model.backbone, len(inputs.identity.classes)), device, config)
         with checkpoint.as_directory() as directory:
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         if rank == 0:
             _log(f"[dermray] resuming after epoch {state['epoch'] + 1} of {config.train.epochs}")
         return model, state, list(state.get("history", []))
-    model = _on_device_layout(initial_model(config, len(inputs.identity.classes)), device)
+    model = _on_device_layout(initial_model(config, len(inputs.identity.classes)), device, config)
     if config.model.init_checkpoint and rank == 0:
         _log(f"[dermray] starting from the weights of {config.model.init_checkpoint}")
     return model, None, []
 
 
-def _on_device_layout(model: nn.Module, device: torch.device) -> nn.Module:
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+def _on_device_layout(model: nn.Module, device: torch.device, config: Config) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if channels_last_for(device, config.train.amp) else model
 
 
 def _start_phase(model: nn.Module, config: Config, inputs: WorkerInputs, epoch: int, steps_per_epoch: int,
