@@ -76,3 +76,13 @@ def test_bf16_on_cpu_trains_channels_last_and_predicts_like_full_precision():
     assert (seen == labels.numpy()).all()
     assert float(abs(probs_bf16 - probs_fp32).max()) < 0.05
     assert (probs_bf16.argmax(1) == labels.numpy()).mean() >= 0.9
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_and_only_then():
+    from dermray.train.engine import slow_bf16_warning
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert (slow_bf16_warning(cpu, "bf16") is None) == native  # this machine's own answer, either way
+    assert slow_bf16_warning(cpu, "auto") is None and slow_bf16_warning(cpu, "off") is None
+    assert slow_bf16_warning(torch.device("cuda"), "bf16") is None

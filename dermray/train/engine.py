@@ -76,6 +76,19 @@ def autocast_for(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def slow_bf16_warning(device: torch.device, amp: str) -> str | None:
+    """A warning when bf16 is asked for on a CPU that would emulate it (no AMX, no AVX512-BF16): there it is
+    slower than full precision. None when it is native, not asked for, or the CPU cannot be queried."""
+    if amp != "bf16" or device.type != "cpu":
+        return None
+    # torch.cpu's capability probes (underscored, present since torch 2.1): not guessed from lscpu's text.
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if any(probe is None for probe in probes) or any(probe() for probe in probes):
+        return None
+    return ("train.amp=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16): slower than full precision; "
+            "--set train.amp=off")
+
+
 def channels_last_for(device: torch.device, amp: str) -> bool:
     """Channels-last memory on GPU, and on CPU under bf16 autocast: oneDNN's bf16 convolutions (AMX) run on NHWC.
     resnet18 at 96 px, batch 64, 2 threads on the CPU of docs/benchmarks.md: 101 images/s fp32, 183 bf16, 217 bf16

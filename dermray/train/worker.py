@@ -45,6 +45,7 @@ from dermray.train.engine import (
     channels_last_for,
     predict,
     set_hyperparameters,
+    slow_bf16_warning,
     train_one_epoch,
 )
 from dermray.train.feature_cache import HEAD_DATASETS
@@ -105,6 +106,8 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
     nodes = _worker_nodes()
     if rank == 0:
         _log(f"[dermray] {context.get_world_size()} worker(s) on {nodes} node(s), device {device}")
+        if warning := slow_bf16_warning(device, config.train.amp):
+            _log(f"[dermray] warning: {warning}")
     phase: _Phase | None = None
     run_started = time.perf_counter()
     for epoch in range(start_epoch, config.train.epochs):
