@@ -91,8 +91,8 @@ def slow_bf16_warning(device: torch.device, amp: str) -> str | None:
 
 def channels_last_for(device: torch.device, amp: str) -> bool:
     """Channels-last memory on GPU, and on CPU under bf16 autocast: oneDNN's bf16 convolutions (AMX) run on NHWC.
-    resnet18 at 96 px, batch 64, 2 threads on the CPU of docs/benchmarks.md: 101 images/s fp32, 183 bf16, 217 bf16
-    channels-last."""
+    resnet18 at 96 px, batch 64, 2 threads on an AMX CPU: 96-101 images/s fp32, 160-183 bf16, 196-217 bf16
+    channels-last (docs/benchmarks.md)."""
     return device.type == "cuda" or amp == "bf16"
 
 
