@@ -91,11 +91,13 @@ def test_bench_ingest_and_train_in_tiny_mode(tmp_path, attached_env):
     manifest = stage("synthetic", SourceOptions(out=str(tmp_path / "syn"), images_per_class=8,
                                                 image_size=48))["manifest"]
     result = subprocess.run([sys.executable, "-m", "dermray", "bench", "train", "--backbone", "small_cnn",
-                             "--image-size", "32", "--manifest", manifest, "--seconds", "2", "--batch-size", "8"],
+                             "--image-size", "32", "--manifest", manifest, "--seconds", "2", "--batch-size", "8",
+                             "--amp", "bf16"],
                             capture_output=True, text=True, timeout=600, env=attached_env)
     assert result.returncode == 0, result.stderr[-3000:]
     train = json.loads(result.stdout.strip().splitlines()[-1])
     assert train["synthetic_images_per_s"] > 0 and train["pipeline_images_per_s"] > 0
+    assert train["amp"] == "bf16" and train["device"] == "cpu"  # --amp reaches the training step (auto: off here)
     assert train["pipeline_vs_synthetic"] == pytest.approx(
         train["pipeline_images_per_s"] / train["synthetic_images_per_s"], abs=0.01)
 

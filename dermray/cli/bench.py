@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--manifest", help="a staged manifest for the real-pipeline measurement")
     train.add_argument("--batch-size", type=int, default=32, help="default 32")
     train.add_argument("--seconds", type=float, default=20.0, help="length of each measurement (default 20)")
+    train.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                       help="as train.amp: auto (bf16 on GPU, full precision on CPU), bf16 (on CPU too: about 2x "
+                       "where the CPU has AMX or AVX512-BF16), off")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
                                          args.limit, pack_to=args.pack_to)
         else:
             results = bench.bench_train(args.backbone, args.image_size, args.manifest, args.seconds,
-                                        args.batch_size)
+                                        args.batch_size, amp=args.amp)
     results["peak_memory_gib"] = memory.gib
     bench.print_table(args.bench, results)
     return results

@@ -42,7 +42,7 @@ from dermray.data.transforms import decode_size_hint
 from dermray.errors import DermrayError
 from dermray.models.backbones import build_model
 from dermray.ray_runtime import ensure_ray
-from dermray.train.engine import build_optimizer, build_scheduler, train_one_epoch
+from dermray.train.engine import build_optimizer, build_scheduler, channels_last_for, resolved_amp, train_one_epoch
 
 
 def _peak_rss_gib() -> float:
@@ -254,10 +254,12 @@ def bench_ingest(images: str, image_size: int = 224, seconds: float = 20.0, pack
 
 
 def bench_train(backbone: str, image_size: int, manifest: str | None = None, seconds: float = 20.0,
-                batch_size: int = 32, use_gpu: bool | None = None) -> dict:
+                batch_size: int = 32, use_gpu: bool | None = None, amp: str = "auto") -> dict:
+    """Training images/s on synthetic batches and, given a manifest, through the real pipeline; ``amp`` as
+    ``train.amp`` (with the memory format training gives it)."""
     device = torch.device("cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu")
     model = build_model(backbone, 7).to(device)
-    if device.type == "cuda":
+    if channels_last_for(device, amp):
         model = model.to(memory_format=torch.channels_last)
     cfg = TrainConfig(schedule="constant")
     optimizer = build_optimizer(list(model.parameters()), cfg, 1e-3)
@@ -267,7 +269,7 @@ def bench_train(backbone: str, image_size: int, manifest: str | None = None, sec
     def run(batches: Iterable) -> float:
         limited = _time_limited(batches, seconds)
         next(limited)  # warm-up batch (cudnn autotune, allocator)
-        stats = train_one_epoch(model, limited, optimizer, scheduler, criterion, device)
+        stats = train_one_epoch(model, limited, optimizer, scheduler, criterion, device, amp=amp)
         return stats.images_per_s
 
     synthetic = {"image": torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8),
@@ -275,7 +277,7 @@ def bench_train(backbone: str, image_size: int, manifest: str | None = None, sec
     if device.type == "cuda":
         synthetic["image"] = synthetic["image"].pin_memory()
     results = {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "device": str(device),
-               "amp": "bf16" if device.type == "cuda" else "off", "seconds": seconds,
+               "amp": resolved_amp(device, amp), "seconds": seconds,
                "synthetic_images_per_s": round(run(_forever(synthetic)), 1)}
     if manifest:
         import ray

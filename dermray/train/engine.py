@@ -69,9 +69,14 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim
         group["weight_decay"] = weight_decay
 
 
+def resolved_amp(device: torch.device, amp: str) -> str:
+    """``train.amp`` on this device: "bf16" or "off" (auto: bf16 on GPU, full precision on CPU)."""
+    return "off" if amp == "off" or (amp == "auto" and device.type != "cuda") else "bf16"
+
+
 def autocast_for(device: torch.device, amp: str):
     """bf16 autocast on GPU (no loss scaling needed, unlike fp16); full precision on CPU unless asked."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    if resolved_amp(device, amp) == "off":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -91,8 +96,8 @@ def slow_bf16_warning(device: torch.device, amp: str) -> str | None:
 
 def channels_last_for(device: torch.device, amp: str) -> bool:
     """Channels-last memory on GPU, and on CPU under bf16 autocast: oneDNN's bf16 convolutions (AMX) run on NHWC.
-    resnet18 at 96 px, batch 64, 2 threads on an AMX CPU: 96-101 images/s fp32, 160-183 bf16, 196-217 bf16
-    channels-last (docs/benchmarks.md)."""
+    resnet18 at 96 px, batch 64, 2 threads on an AMX CPU (`dermray bench train --amp`): 75.7 images/s fp32,
+    169.1 bf16 channels-last; channels-last is about a fifth of that gain (docs/benchmarks.md)."""
     return device.type == "cuda" or amp == "bf16"
 
 
