@@ -58,6 +58,9 @@ class DataConfig(_Strict):
     """The manifest split validated on after every epoch (it ranks checkpoints)."""
     resize_ratio: float = Field(0.875, gt=0.0, le=1.0)
     """Eval preset: shorter side resized to image_size / resize_ratio, then centre-cropped."""
+    color_constancy: Literal["none", "shades_of_gray"] = "none"
+    """shades_of_gray: every image's colour cast removed (Shades of Gray, p = 6) before training and inference
+    alike; it travels with the checkpoint. For collections from several cameras or clinics."""
     augment: AugmentConfig = AugmentConfig()
     """Train-time augmentation (the eval preset never augments)."""
     read_threads: int = Field(8, ge=1, le=64)

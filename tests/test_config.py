@@ -32,6 +32,7 @@ def test_overrides_parse_types():
         ("model.backbone=alexnet", "unknown backbone 'alexnet'"),
         ("train.head_epochs=50", "head_epochs (50) exceeds epochs"),
         ("data.augment.hflip_p=2", "config: data.augment.hflip_p: Input should be less than or equal to 1"),
+        ("data.color_constancy=gray_world", "config: data.color_constancy: Input should be 'none' or 'shades_of_gray'"),
         ("epochs", "--set 'epochs': expected dotted.key=value"),
     ],
 )

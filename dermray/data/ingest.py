@@ -31,8 +31,8 @@ MAX_ROWS_PER_BLOCK = 1024  # per-image layout (see _rows_per_block for the measu
 MAX_PACKED_ROWS_PER_BLOCK = 512
 
 
-def train_preset(image_size: int, augment: AugmentConfig) -> TrainPreset:
-    return TrainPreset(image_size=image_size, **augment.model_dump())
+def train_preset(image_size: int, augment: AugmentConfig, color_constancy: str = "none") -> TrainPreset:
+    return TrainPreset(image_size=image_size, color_constancy=color_constancy, **augment.model_dump())
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,29 @@ cv2.setNumThreads(1)
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L" conversion
 
 CROPS = ("rrc", "esteva", "none")
+COLOR_CONSTANCY = ("none", "shades_of_gray")
+SHADES_OF_GRAY_P = 6  # Finlayson & Trezzi's Minkowski norm; 6 is the value dermoscopy studies settled on
+
+
+def shades_of_gray(pixels: np.ndarray, p: int = SHADES_OF_GRAY_P) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004) on an HWC uint8 array: estimate the illuminant
+    as each channel's Minkowski p-mean, then scale the channels so that the illuminant becomes grey, keeping the
+    overall brightness. Dermoscopy collections mix cameras and light sources; Barata et al. (2015) and the
+    ISIC 2018/2019 winning entries (Gessert et al.) normalise with it before training and inference alike."""
+    x = pixels.astype(np.float32)
+    illuminant = np.power(np.mean(np.power(x / 255.0, p), axis=(0, 1)), 1.0 / p)
+    norm = float(np.sqrt(np.sum(illuminant * illuminant)))
+    if not np.all(illuminant > 1e-6) or norm <= 0.0:
+        return np.ascontiguousarray(pixels)  # a channel that is black everywhere: nothing to estimate from
+    x *= 1.0 / (illuminant / norm * math.sqrt(3.0))
+    np.clip(x, 0.0, 255.0, out=x)
+    x += 0.5  # round, not truncate
+    return x.astype(np.uint8)
+
+
+def _check_color_constancy(value: object) -> None:
+    if value not in COLOR_CONSTANCY:
+        raise ValueError(f"color_constancy must be one of {COLOR_CONSTANCY}, got {value!r}")
 
 
 def largest_inscribed_rect(width: float, height: float, angle_degrees: float) -> tuple[int, int]:
@@ -219,13 +242,15 @@ class TrainPreset:
     contrast: float = 0.1
     saturation: float = 0.1
     hue: float = 0.0
+    color_constancy: str = "none"
 
     def __post_init__(self) -> None:
         _check_image_size(self.image_size)
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        _check_color_constancy(self.color_constancy)
         for f in fields(self):
-            if f.name not in ("image_size", "crop"):
+            if f.name not in ("image_size", "crop", "color_constancy"):
                 value = getattr(self, f.name)
                 if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
                     raise ValueError(f"{f.name} must be a number, got {value!r}")
@@ -333,6 +358,8 @@ class TrainPreset:
             pixels = pixels[::-1]
         if self.rot90_p and rng.random() < self.rot90_p:
             pixels = np.rot90(pixels, k=1 + int(rng.integers(0, 3)))
+        if self.color_constancy == "shades_of_gray":
+            pixels = shades_of_gray(pixels)  # before the jitter, which then varies a normalised colour
         return self._jitter(pixels, rng)
 
 
@@ -343,9 +370,11 @@ class EvalPreset:
 
     image_size: int
     resize_ratio: float = 0.875
+    color_constancy: str = "none"
 
     def __post_init__(self) -> None:
         _check_image_size(self.image_size)
+        _check_color_constancy(self.color_constancy)
         if isinstance(self.resize_ratio, bool) or not isinstance(self.resize_ratio, int | float | np.number):
             raise ValueError(f"resize_ratio must be a number, got {self.resize_ratio!r}")
         _check_config_ranges(DataConfig, {"resize_ratio": float(self.resize_ratio)})
@@ -362,7 +391,8 @@ class EvalPreset:
         # pixels, a square of side shorter_side * image_size / resize_size around the centre.
         side = min(img.width, img.height) * self.image_size / self.resize_size
         cx, cy = img.width / 2, img.height / 2
-        return np.array(_resample_window(img, (cx, cy), (side, side), 0.0, self.image_size), dtype=np.uint8)
+        pixels = np.array(_resample_window(img, (cx, cy), (side, side), 0.0, self.image_size), dtype=np.uint8)
+        return shades_of_gray(pixels) if self.color_constancy == "shades_of_gray" else pixels
 
 
 def decode_size_hint(preset: TrainPreset | EvalPreset) -> int:

@@ -17,7 +17,6 @@ import ray
 from dermray import __version__, storage
 from dermray.data.ingest import build_dataset
 from dermray.data.manifest import Manifest, manifest_uri, read_manifest
-from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.evaluation.curves import curves_figure
 from dermray.evaluation.inference import Predictor, actor_pool
@@ -25,7 +24,7 @@ from dermray.evaluation.metrics import evaluate_predictions, malignant_labels, m
 from dermray.evaluation.plots import confusion_figure, reliability_figure, roc_figure
 from dermray.evaluation.report import render_report
 from dermray.models.checkpoint import (
-    input_geometry,
+    checkpoint_eval_preset,
     melanoma_class_of,
     read_checkpoint_meta,
     read_checkpoint_state,
@@ -63,13 +62,12 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
     if meta["classes"] != manifest.classes:
         raise DermrayError(f"evaluate: the checkpoint was trained on classes {meta['classes']}, the manifest has "
                            f"{manifest.classes} (evaluate on a manifest of the same dataset)")
-    image_size, resize_ratio = input_geometry(checkpoint, meta)
+    preset = checkpoint_eval_preset(checkpoint, meta)
     ensure_ray()
     rows = manifest.split(split).num_rows
     source = manifest if limit is None or limit >= rows else Manifest(
         manifest.split(split).slice(0, limit), manifest.classes, manifest.source, manifest.taxonomy)
-    dataset = build_dataset(source, split, EvalPreset(image_size=image_size, resize_ratio=resize_ratio),
-                            passthrough=("image_uri",))
+    dataset = build_dataset(source, split, preset, passthrough=("image_uri",))
     dataset = dataset.map_batches(
         Predictor, fn_constructor_kwargs={"checkpoint": storage.normalize(checkpoint), "tta": tta,
                                           "features": features},

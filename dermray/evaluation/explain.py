@@ -18,7 +18,7 @@ from dermray import storage
 from dermray.data.imaging import UnreadableImage, decode_rgb
 from dermray.data.ingest import normalize_on_device
 from dermray.data.manifest import read_manifest
-from dermray.data.transforms import EvalPreset, decode_size_hint
+from dermray.data.transforms import decode_size_hint
 from dermray.errors import DermrayError
 from dermray.evaluation.evaluate import predict_split
 from dermray.evaluation.plots import saliency_grid_figure, tsne_figure
@@ -44,7 +44,7 @@ def saliency_map(loaded: InferenceModel, image: np.ndarray, label: int) -> tuple
 
 def saliency_examples(loaded: InferenceModel, manifest, split: str, per_class: int) -> list:
     """The first ``per_class`` readable images of every class of the split, with their saliency maps."""
-    preset = EvalPreset(image_size=loaded.image_size, resize_ratio=loaded.resize_ratio)
+    preset = loaded.preset
     table = manifest.split(split)
     rows = []
     for c, name in enumerate(loaded.classes):

@@ -24,10 +24,9 @@ from dermray.data.ingest import DecodeAndTransform
 from dermray.data.listing import list_data_files
 from dermray.data.manifest import MANIFEST_NAME, read_manifest
 from dermray.data.sources import IMAGE_EXTENSIONS
-from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.evaluation.inference import Predictor, actor_pool
-from dermray.models.checkpoint import input_geometry, read_checkpoint_meta
+from dermray.models.checkpoint import checkpoint_eval_preset, read_checkpoint_meta
 from dermray.ray_runtime import ensure_ray
 from dermray.taxonomy import coarse_probabilities
 
@@ -78,8 +77,7 @@ def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: 
         storage.delete(target)
     rows, kind = input_rows(input_uri)
     ensure_ray()
-    image_size, resize_ratio = input_geometry(checkpoint, meta)
-    preset = EvalPreset(image_size=image_size, resize_ratio=resize_ratio)
+    preset = checkpoint_eval_preset(checkpoint, meta)
     passthrough = tuple(c for c in rows.column_names)
     blocks = max(1, min(rows.num_rows // 32, 200))
     dataset = (

@@ -24,8 +24,10 @@ from torch import nn
 
 from dermray import storage
 from dermray.config import Config
+from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.models.backbones import build_model
+from dermray.taxonomy import melanoma_class, taxonomy_tree
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -60,6 +62,12 @@ class ModelIdentity:
     melanoma_class: str | None
     config: dict  # the resolved experiment config, as JSON
 
+    @classmethod
+    def of(cls, config: Config, classes: list[str], taxonomy: str | None) -> ModelIdentity:
+        """The identity of a model of ``config`` trained on ``classes`` of a manifest with ``taxonomy``."""
+        return cls(classes=classes, taxonomy=taxonomy_tree(taxonomy, classes),
+                   melanoma_class=melanoma_class(taxonomy, classes), config=config.model_dump(mode="json"))
+
 
 def write_checkpoint(directory: str, identity: ModelIdentity, model: nn.Module, optimizer, scheduler, epoch: int,
                      phase: str, metrics: dict, history: list[dict]) -> None:
@@ -76,7 +84,8 @@ def write_checkpoint(directory: str, identity: ModelIdentity, model: nn.Module, 
     # The config is in meta.json too, so that a report can show it without fetching the (large) state.
     # The history too (a few hundred bytes an epoch): learning curves are drawn from meta.json alone.
     meta = {"backbone": model_config["backbone"], "image_size": model_config["image_size"],
-            "resize_ratio": identity.config["data"]["resize_ratio"], "metrics": metrics, "history": history,
+            "resize_ratio": identity.config["data"]["resize_ratio"],
+            "color_constancy": identity.config["data"]["color_constancy"], "metrics": metrics, "history": history,
             **common}
     with open(os.path.join(directory, META_FILE), "w") as handle:
         json.dump(meta, handle, indent=2)
@@ -119,14 +128,21 @@ def warm_start_mismatch(checkpoint_uri: str, backbone: str, classes: list[str]) 
     return None
 
 
-def input_geometry(checkpoint_uri: str, meta: dict | None = None) -> tuple[int, float]:
-    """(image size, eval resize ratio) the model was trained at, from meta.json (older checkpoints: state.pt)."""
+def eval_preset_of(config: Config) -> EvalPreset:
+    """The deterministic view a model of ``config`` is validated and served on."""
+    return EvalPreset(image_size=config.image_size, resize_ratio=config.data.resize_ratio,
+                      color_constancy=config.data.color_constancy)
+
+
+def checkpoint_eval_preset(checkpoint_uri: str, meta: dict | None = None) -> EvalPreset:
+    """The eval view (image size, resize ratio, colour constancy) the model was trained with, from meta.json
+    (checkpoints older than a field: its default then; older than meta's geometry: state.pt)."""
 
     meta = meta if meta is not None else read_checkpoint_meta(checkpoint_uri)
     if meta.get("image_size") is not None:
-        return int(meta["image_size"]), float(meta.get("resize_ratio", 0.875))
-    config = Config.model_validate(read_checkpoint_state(checkpoint_uri)["config"])
-    return config.image_size, config.data.resize_ratio
+        return EvalPreset(image_size=int(meta["image_size"]), resize_ratio=float(meta.get("resize_ratio", 0.875)),
+                          color_constancy=meta.get("color_constancy", "none"))
+    return eval_preset_of(Config.model_validate(read_checkpoint_state(checkpoint_uri)["config"]))
 
 
 def melanoma_class_of(record: dict, classes: list[str]) -> str | None:
@@ -145,10 +161,13 @@ class InferenceModel:
     classes: list[str]
     taxonomy: dict[str, list[str]] | None
     melanoma_class: str | None
-    image_size: int
-    resize_ratio: float
+    preset: EvalPreset
     config: dict
     uri: str
+
+    @property
+    def image_size(self) -> int:
+        return self.preset.image_size
 
 
 def load_for_inference(checkpoint_uri: str, device: torch.device | str = "cpu") -> InferenceModel:
@@ -166,6 +185,6 @@ def load_for_inference(checkpoint_uri: str, device: torch.device | str = "cpu") 
     melanoma = melanoma_class_of(state, classes)
     return InferenceModel(
         model=model, backbone=config.model.backbone, classes=classes, taxonomy=state.get("taxonomy"),
-        melanoma_class=melanoma, image_size=config.image_size, resize_ratio=config.data.resize_ratio,
+        melanoma_class=melanoma, preset=eval_preset_of(config),
         config=state["config"], uri=storage.normalize(checkpoint_uri),
     )

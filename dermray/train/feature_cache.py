@@ -30,10 +30,9 @@ from dermray import storage
 from dermray.config import Config
 from dermray.data.ingest import BalancedDraw, balanced_copies, build_dataset, normalize_on_device
 from dermray.data.manifest import Manifest
-from dermray.data.transforms import EvalPreset
 from dermray.evaluation.inference import actor_pool
 from dermray.models.backbones import backbone_fingerprint, captured_head_inputs
-from dermray.models.checkpoint import initial_model
+from dermray.models.checkpoint import eval_preset_of, initial_model
 from dermray.train.engine import autocast_for
 
 FEATURES_DIR = "features"
@@ -64,6 +63,16 @@ class FeatureExtractor:
                 "image_uri": batch["image_uri"]}
 
 
+def cache_key(config: Config, fingerprint: str) -> dict:
+    """What the cached features depend on: the frozen backbone, the images and the eval view they were seen
+    through. A relaunch whose key differs recomputes them rather than training the head on stale features."""
+    return {
+        "fingerprint": fingerprint, "manifest": config.data.manifest, "image_size": config.image_size,
+        "resize_ratio": config.data.resize_ratio, "color_constancy": config.data.color_constancy,
+        "splits": [config.data.train_split, config.data.val_split], "seed": config.train.seed,
+    }
+
+
 def head_datasets(config: Config, manifest: Manifest, run_uri: str) -> tuple[dict, str]:
     """({"head_train": ..., "head_val": ...} datasets of cached features, the backbone fingerprint they belong to),
     computing the features unless the run already holds ones that match."""
@@ -71,11 +80,7 @@ def head_datasets(config: Config, manifest: Manifest, run_uri: str) -> tuple[dic
     fingerprint = backbone_fingerprint(initial_model(config, len(manifest.classes)), config.model.backbone)
     root = storage.join(run_uri, FEATURES_DIR)
     record_uri = storage.join(root, RECORD_FILE)
-    key = {
-        "fingerprint": fingerprint, "manifest": config.data.manifest, "image_size": config.image_size,
-        "resize_ratio": config.data.resize_ratio, "splits": [config.data.train_split, config.data.val_split],
-        "seed": config.train.seed,
-    }
+    key = cache_key(config, fingerprint)
     record = json.loads(storage.read_text(record_uri)) if storage.exists(record_uri) else None
     if record is not None and record.get("key") == key:
         _log(f"[dermray] head phase: reusing the cached features under {root}")
@@ -90,7 +95,7 @@ def head_datasets(config: Config, manifest: Manifest, run_uri: str) -> tuple[dic
 
 def _compute(config: Config, manifest: Manifest, root: str, key: dict) -> dict:
     started = time.perf_counter()
-    preset = EvalPreset(image_size=config.image_size, resize_ratio=config.data.resize_ratio)
+    preset = eval_preset_of(config)
     rows = {}
     for role, split in (("train", config.data.train_split), ("val", config.data.val_split)):
         # Every image once: balanced sampling draws from these rows per epoch, as it draws from the images.

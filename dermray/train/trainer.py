@@ -24,12 +24,12 @@ from dermray.data.ingest import build_dataset, train_preset
 from dermray.data.manifest import Manifest, manifest_uri, read_manifest
 from dermray.data.sources import SourceOptions
 from dermray.data.stage import stage
-from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.evaluation.curves import curves_figure
 from dermray.models.backbones import build_model
 from dermray.models.checkpoint import (
     ModelIdentity,
+    eval_preset_of,
     read_checkpoint_meta,
     read_history,
     read_ray_checkpoint_meta,
@@ -38,7 +38,6 @@ from dermray.models.checkpoint import (
 from dermray.ops import run_tracking
 from dermray.ops.run_tracking import TrackedRun
 from dermray.ray_runtime import debug_enabled, ensure_ray
-from dermray.taxonomy import melanoma_class, taxonomy_tree
 from dermray.train.callbacks import StopOnInputError
 from dermray.train.feature_cache import head_datasets
 from dermray.train.sizing import cpus_per_worker
@@ -169,8 +168,8 @@ def _datasets(config: Config, manifest: Manifest) -> dict:
     # through log_to_driver: hundreds of broken lines per epoch. Without Ray's tqdm it logs progress at INFO
     # instead, below RAY_DATA_LOG_LEVEL's WARNING; the per-epoch line is training's progress.
     ray.data.DataContext.get_current().use_ray_tqdm = False
-    augment_preset = train_preset(config.image_size, config.data.augment)
-    eval_preset = EvalPreset(image_size=config.image_size, resize_ratio=config.data.resize_ratio)
+    augment_preset = train_preset(config.image_size, config.data.augment, config.data.color_constancy)
+    eval_preset = eval_preset_of(config)
     return {
         "train": build_dataset(manifest, config.data.train_split, augment_preset, config.data.read_threads,
                                shuffle=True, balanced=config.train.imbalance == "balanced_sampling"),
@@ -192,10 +191,7 @@ def _head_epochs_left(config: Config, resumed_from: str | None, continue_from) -
 def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_from,
                    tracked: TrackedRun | None) -> WorkerInputs:
     train_rows = manifest.split(config.data.train_split).num_rows
-    identity = ModelIdentity(
-        classes=manifest.classes, taxonomy=taxonomy_tree(manifest.taxonomy, manifest.classes),
-        melanoma_class=melanoma_class(manifest.taxonomy, manifest.classes), config=config.model_dump(mode="json"),
-    )
+    identity = ModelIdentity.of(config, manifest.classes, manifest.taxonomy)
     return WorkerInputs(
         identity=identity,
         train_rows=train_rows,
