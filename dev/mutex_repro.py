@@ -26,7 +26,7 @@ MESSAGE = "Mutex corrupt"
 
 
 def _one_session(images: list[str], rounds: int, temp_dir: str) -> tuple[int, int]:
-    """(worker logs with the abort, workers that ran a probe task and then a metadata task) for one session."""
+    """(worker logs with the abort, workers that ran a probe task and later a metadata task) for one session."""
     import pyarrow as pa
     import ray
 
@@ -44,11 +44,16 @@ def _one_session(images: list[str], rounds: int, temp_dir: str) -> tuple[int, in
     # session_latest is a link to the session's folder: each file once, by its real path.
     logs = {os.path.realpath(p) for p in glob.glob(os.path.join(temp_dir, "session_*", "logs", "*"))}
     worker_logs = [log for log in logs if os.path.isfile(log) and os.path.basename(log).startswith("worker-")]
-    assert worker_logs, f"no worker logs under {temp_dir}: the scan would prove nothing"
+    if not worker_logs:
+        raise SystemExit(f"no worker logs under {temp_dir}: the scan would prove nothing")
     texts = [Path(log).read_text(errors="replace") for log in worker_logs]
+    return sum(MESSAGE in text for text in texts), sum(_probe_then_metadata(text) for text in texts)
+
+
+def _probe_then_metadata(log: str) -> bool:
     # Ray writes ":task_name:<name>" into a worker's log each time the worker starts a task of another name.
-    both = sum("_probe_batch" in text and "get_table_block_metadata_schema" in text for text in texts)
-    return sum(MESSAGE in text for text in texts), both
+    probe = log.find("_probe_batch")
+    return probe >= 0 and log.rfind("get_table_block_metadata_schema") > probe
 
 
 def main() -> int:
