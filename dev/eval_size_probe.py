@@ -16,10 +16,19 @@ import argparse
 import json
 import time
 
-import dermray.evaluation.evaluate as evaluate
 from dermray.data.manifest import read_manifest
 from dermray.data.transforms import EvalPreset
+from dermray.evaluation.evaluate import predict_split
 from dermray.evaluation.metrics import evaluate_predictions
+from dermray.models.checkpoint import checkpoint_eval_preset
+
+
+def _view(text: str) -> tuple[int, float]:
+    """IMAGE_SIZE:RESIZE_RATIO, e.g. 144:0.875 (argparse turns a ValueError into a one-line usage error)."""
+    size, ratio = text.split(":")
+    if int(size) < 1 or not 0 < float(ratio) <= 1:
+        raise ValueError(text)
+    return int(size), float(ratio)
 
 
 def main() -> None:
@@ -27,18 +36,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--split", default="val")
-    parser.add_argument("--views", nargs="+", default=["128:0.875", "144:0.875", "160:0.875", "128:1.0"])
+    parser.add_argument("--views", nargs="+", type=_view, metavar="SIZE:RATIO",
+                        default=[(128, 0.875), (144, 0.875), (160, 0.875), (128, 1.0)])
     args = parser.parse_args()
 
     manifest = read_manifest(args.manifest)
-    trained = evaluate.checkpoint_eval_preset(args.checkpoint)
-    for view in args.views:
-        size, ratio = view.split(":")
-        preset = EvalPreset(image_size=int(size), resize_ratio=float(ratio), color_constancy=trained.color_constancy)
-        # predict_split reads the view from the checkpoint; this probe substitutes its own for one pass.
-        evaluate.checkpoint_eval_preset = lambda _checkpoint, _meta=None, preset=preset: preset
+    trained = checkpoint_eval_preset(args.checkpoint)
+    for size, ratio in args.views:
+        preset = EvalPreset(image_size=size, resize_ratio=ratio, color_constancy=trained.color_constancy)
         start = time.monotonic()
-        result = evaluate.predict_split(args.checkpoint, manifest, args.split)
+        result = predict_split(args.checkpoint, manifest, args.split, preset=preset)
         metrics = evaluate_predictions(result.probs, result.labels, result.classes, bootstrap=0)
         print(json.dumps({"image_size": preset.image_size, "resize_ratio": preset.resize_ratio,
                           "balanced_accuracy": round(metrics["balanced_accuracy"], 4),

@@ -17,6 +17,7 @@ import ray
 from dermray import __version__, storage
 from dermray.data.ingest import build_dataset
 from dermray.data.manifest import Manifest, manifest_uri, read_manifest
+from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.evaluation.curves import curves_figure
 from dermray.evaluation.inference import Predictor, actor_pool
@@ -53,16 +54,18 @@ class SplitPredictions:
 
 
 def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1, features: bool = False,
-                  limit: int | None = None) -> SplitPredictions:
+                  limit: int | None = None, preset: EvalPreset | None = None) -> SplitPredictions:
     """Run the checkpoint over a split of the manifest as a Ray Data job (decode on CPU tasks, the model in an
-    actor pool, one actor per GPU when there are GPUs)."""
+    actor pool, one actor per GPU when there are GPUs). ``preset``: another eval view than the one the checkpoint
+    was trained with (dev/eval_size_probe.py); by default the checkpoint's own."""
 
 
     meta = read_checkpoint_meta(checkpoint)
     if meta["classes"] != manifest.classes:
         raise DermrayError(f"evaluate: the checkpoint was trained on classes {meta['classes']}, the manifest has "
                            f"{manifest.classes} (evaluate on a manifest of the same dataset)")
-    preset = checkpoint_eval_preset(checkpoint, meta)
+    if preset is None:
+        preset = checkpoint_eval_preset(checkpoint, meta)
     ensure_ray()
     rows = manifest.split(split).num_rows
     source = manifest if limit is None or limit >= rows else Manifest(
