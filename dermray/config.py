@@ -53,9 +53,9 @@ class DataConfig(_Strict):
     manifest: str | None = None
     """Manifest URI written by ``dermray stage``; none means the embedded synthetic dataset (staged once)."""
     train_split: str = "train"
-    """The manifest split trained on."""
+    """The manifest split trained on; ``train+test`` trains on both (when another collection is the test set)."""
     val_split: str = "val"
-    """The manifest split validated on after every epoch (it ranks checkpoints)."""
+    """The manifest split validated on after every epoch (it ranks checkpoints); never one trained on."""
     resize_ratio: float = Field(0.875, gt=0.0, le=1.0)
     """Eval preset: shorter side resized to image_size / resize_ratio, then centre-cropped."""
     color_constancy: Literal["none", "shades_of_gray"] = "none"
@@ -67,6 +67,14 @@ class DataConfig(_Strict):
     """Concurrent object reads inside one Ray Data map task (hides S3 latency)."""
     prefetch_batches: int = Field(2, ge=0, le=64)
     """Batches each worker keeps decoded ahead of the training step."""
+
+    @model_validator(mode="after")
+    def _validation_is_held_out(self) -> DataConfig:
+        shared = set(self.train_split.split("+")) & set(self.val_split.split("+"))
+        if shared:
+            raise ValueError(f"data.val_split '{self.val_split}' shares {', '.join(sorted(shared))} with "
+                             f"data.train_split '{self.train_split}': validation must be held out")
+        return self
 
 
 class ModelConfig(_Strict):

@@ -34,6 +34,8 @@ def test_overrides_parse_types():
         ("data.augment.hflip_p=2", "config: data.augment.hflip_p: Input should be less than or equal to 1"),
         ("data.color_constancy=gray_world", "config: data.color_constancy: Input should be 'none' or 'shades_of_gray'"),
         ("epochs", "--set 'epochs': expected dotted.key=value"),
+        ("data.train_split=train+val", "data.val_split 'val' shares val with data.train_split 'train+val': "
+                                       "validation must be held out"),
     ],
 )
 def test_bad_values_give_one_line(override, message):

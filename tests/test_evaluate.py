@@ -18,7 +18,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from dermray import storage
 from dermray.data.manifest import read_manifest
 from dermray.errors import DermrayError
-from dermray.evaluation.evaluate import evaluate
+from dermray.evaluation.evaluate import evaluate, trained_on_split
 from dermray.evaluation.explain import explain
 from dermray.evaluation.predict import predict
 
@@ -57,6 +57,19 @@ def test_evaluate_writes_metrics_plots_and_report_to_s3(isic_checkpoint, isic201
     assert isic_checkpoint in report and "Model configuration" in report
     assert summary["metrics"]["accuracy"] == metrics["accuracy"]
     assert summary["outputs"]["isic_submission"]["file"] == f"{out}/isic_submission.csv"
+    assert metrics["trained_on"] == []  # the checkpoint trained on this manifest's train split only
+
+
+def test_evaluating_a_split_the_checkpoint_trained_on_is_named(tmp_path, monkeypatch):
+    """A figure on images the model trained on is not a held-out estimate: evaluate warns and metrics.json says
+    which of them it trained on (the same manifest, however its path is written)."""
+    monkeypatch.chdir(tmp_path)
+    config = {"data": {"manifest": str(tmp_path / "ham" / "manifest.parquet"), "train_split": "train+test"}}
+    assert trained_on_split(config, "./ham", "test") == ["test"]
+    assert trained_on_split(config, str(tmp_path / "ham"), "val") == []
+    assert trained_on_split(config, "./ham", "val+train") == ["train"]
+    assert trained_on_split(config, "./isic2018-sample", "test") == []  # another collection's test split
+    assert trained_on_split({"data": {"manifest": None}}, "./ham", "train") == []  # the embedded default
 
 
 def test_tta_averages_eight_views(isic_checkpoint, isic2018_manifest_local, tmp_path):

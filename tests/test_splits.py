@@ -4,8 +4,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
+from dermray.data.manifest import Manifest
 from dermray.data.splits import SplitFractions, assign_splits
 from tests.conftest import data_path
 
@@ -77,3 +79,14 @@ def test_rare_class_first_group_goes_to_train():
 def test_fractions_are_validated():
     with pytest.raises(ValueError):
         SplitFractions(0.8, 0.3, 0.1)
+
+
+def test_a_split_name_joined_by_plus_is_the_union_of_those_splits():
+    """data.train_split=train+test trains on both (a recipe whose test set is another collection)."""
+    table = pa.table({"image_uri": [f"i{n}" for n in range(6)], "label": pa.array([0, 1, 0, 1, 0, 1], pa.int32()),
+                      "split": ["train", "val", "test", "train", "test", "val"]})
+    manifest = Manifest(table, ["a", "b"], "csv")
+    assert manifest.split("train+test")["image_uri"].to_pylist() == ["i0", "i2", "i3", "i4"]
+    assert manifest.split("train")["image_uri"].to_pylist() == ["i0", "i3"]
+    assert manifest.class_counts("train+test") == {"a": 3, "b": 1}
+    assert manifest.split("train+missing").num_rows == 2

@@ -19,7 +19,7 @@ import pyarrow as pa
 from dermray import storage
 from dermray.config import AugmentConfig
 from dermray.data.imaging import UnreadableImage, decode_rgb
-from dermray.data.manifest import Manifest
+from dermray.data.manifest import Manifest, split_names
 from dermray.data.transforms import EvalPreset, TrainPreset, decode_size_hint
 from dermray.errors import DermrayError
 
@@ -211,10 +211,13 @@ def _packed_dataset(manifest: Manifest, split: str, shuffle: bool, rows_per_bloc
     """The split's packed shards as a Ray Data dataset of rows with ``columns`` (``image`` holds the bytes)."""
     import ray
 
-    prefix = storage.join(manifest.packed, split)
-    files = [f for f in storage.list_files(prefix) if f.endswith(".parquet")]
-    if not files:
-        raise DermrayError(f"manifest names packed shards at {prefix} but there are none (re-stage with --pack)")
+    files = []
+    for part in split_names(split):
+        prefix = storage.join(manifest.packed, part)
+        shards = [f for f in storage.list_files(prefix) if f.endswith(".parquet")]
+        if not shards:
+            raise DermrayError(f"manifest names packed shards at {prefix} but there are none (re-stage with --pack)")
+        files += shards
     # Rows were shuffled when packed; a new file order every epoch, plus the loop's local shuffle buffer, mixes
     # batches without moving the image bytes around the cluster.
     ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None).select_columns(columns)

@@ -41,6 +41,11 @@ def hash_group(source: str, raw_group: str) -> str:
     return "g" + hashlib.sha256(f"dermray:{source}:{raw_group}".encode()).hexdigest()[:16]
 
 
+def split_names(name: str) -> list[str]:
+    """The manifest splits a split name stands for: ``train+test`` is the train and test splits together."""
+    return [part.strip() for part in name.split("+")]
+
+
 @dataclass
 class Manifest:
     table: pa.Table
@@ -54,7 +59,8 @@ class Manifest:
     """The longest side, in pixels, of the images in the shards."""
 
     def split(self, name: str) -> pa.Table:
-        return self.table.filter(pc.equal(self.table["split"], name))
+        """The rows of split ``name``, or of several joined by ``+`` (``train+test``)."""
+        return self.table.filter(pc.is_in(self.table["split"], value_set=pa.array(split_names(name))))
 
     def class_counts(self, split: str | None = None) -> dict[str, int]:
         table = self.split(split) if split else self.table

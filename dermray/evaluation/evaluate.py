@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import ray
 
 from dermray import __version__, storage
 from dermray.data.ingest import build_dataset
-from dermray.data.manifest import Manifest, manifest_uri, read_manifest
+from dermray.data.manifest import Manifest, manifest_uri, read_manifest, split_names
 from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.evaluation.curves import curves_figure
@@ -159,6 +160,16 @@ def isic_submission(result: SplitPredictions, layout: IsicFormat) -> tuple[str, 
     return "\n".join(lines) + "\n", int((~finite).sum())
 
 
+def trained_on_split(config: dict, manifest: str, split: str) -> list[str]:
+    """The splits of ``split`` that the checkpoint (its resolved ``config``) trained on, when ``manifest`` is the
+    one it trained on; else none."""
+    data = config.get("data") or {}
+    if not data.get("manifest") or manifest_uri(data["manifest"]) != manifest_uri(manifest):
+        return []
+    trained = set(split_names(data.get("train_split", "train")))
+    return [name for name in split_names(split) if name in trained]
+
+
 def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | None = None, tta: int = 1,
              bootstrap: int = 200) -> dict:
     """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet``, ``report.html`` and, for the
@@ -169,10 +180,17 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
     if tta < 1 or tta > 8:
         raise DermrayError(f"evaluate: --tta must be between 1 (off) and 8 views, got {tta}")
     loaded_manifest = read_manifest(manifest)
+    # meta.json carries the config; older checkpoints have it only in the (large) state.pt.
+    config = read_checkpoint_meta(checkpoint).get("config") or read_checkpoint_state(checkpoint)["config"]
+    trained_on = trained_on_split(config, manifest, split)
+    if trained_on:
+        print(f"[dermray] warning: the checkpoint was trained on the '{', '.join(trained_on)}' images of this "
+              "manifest: its figures on them are not a held-out estimate", file=sys.stderr, flush=True)
     result = predict_split(checkpoint, loaded_manifest, split, tta=tta)
     metrics = evaluate_predictions(result.probs, result.labels, result.classes, result.taxonomy,
                                    result.melanoma_class, bootstrap=bootstrap)
-    metrics.update({"split": split, "tta": tta, "unreadable_images": result.dropped})
+    metrics.update({"split": split, "tta": tta, "unreadable_images": result.dropped,
+                    "trained_on": trained_on})
     out = storage.normalize(out or storage.join(storage.normalize(checkpoint), f"eval-{split}"))
     figures = _figures(result, metrics)
     figures.update(_learning_curves(checkpoint))
@@ -193,8 +211,6 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
         "test-time augmentation views": tta, "dermray": __version__, "evaluated at (UTC)":
         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    # meta.json carries the config; older checkpoints have it only in the (large) state.pt.
-    config = read_checkpoint_meta(checkpoint).get("config") or read_checkpoint_state(checkpoint)["config"]
     report_uri = storage.write_text(storage.join(out, "report.html"), render_report(
         f"dermray evaluation: {split} split", metrics, figures, config, provenance))
     run_tracking.log_evaluation(checkpoint, config, split, metrics, report_uri)
