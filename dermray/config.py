@@ -132,10 +132,8 @@ class TrainConfig(_Strict):
     """Step schedule: multiply the lr by this (Esteva: 1/16 every 30 epochs)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Cross-entropy label smoothing (0: off)."""
-    imbalance: Literal["weighted_loss", "balanced_sampling", "logit_adjusted", "none"] = "weighted_loss"
-    """Class imbalance: inverse-frequency loss weights, sampling each class equally often, or every image once an
-    epoch with the logit-adjusted loss (the training split's class frequencies added to the logits in the loss
-    only, so the model's own outputs are balanced: Menon et al. 2021)."""
+    imbalance: Literal["weighted_loss", "balanced_sampling", "none"] = "weighted_loss"
+    """Class imbalance: inverse-frequency loss weights, or sampling each class equally often."""
     aux_loss_weight: float = Field(0.4, ge=0.0)
     """Inception v3 auxiliary head loss weight."""
     amp: Literal["auto", "bf16", "off"] = "auto"

@@ -4,14 +4,7 @@ import pytest
 import torch
 
 from dermray.config import TrainConfig
-from dermray.train.engine import (
-    LogitAdjustedLoss,
-    build_criterion,
-    build_optimizer,
-    build_scheduler,
-    lr_factor,
-    set_hyperparameters,
-)
+from dermray.train.engine import build_optimizer, build_scheduler, lr_factor, set_hyperparameters
 
 
 def _stepped(cfg: TrainConfig, lr: float, steps: int):
@@ -93,45 +86,3 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_and_only_then():
     assert (slow_bf16_warning(cpu, "bf16") is None) == native  # this machine's own answer, either way
     assert slow_bf16_warning(cpu, "auto") is None and slow_bf16_warning(cpu, "off") is None
     assert slow_bf16_warning(torch.device("cuda"), "bf16") is None
-
-
-def _decision_threshold(criterion: torch.nn.Module) -> float:
-    """Train a linear classifier on two unit-variance Gaussians at -1 (950 points) and +1 (50 points) with
-    ``criterion``; the x at which its two logits are equal."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(950, 1, generator=generator) - 1, torch.randn(50, 1, generator=generator) + 1])
-    y = torch.cat([torch.zeros(950, dtype=torch.long), torch.ones(50, dtype=torch.long)])
-    torch.manual_seed(0)
-    model = torch.nn.Linear(1, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(600):
-        optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        optimizer.step()
-    w, b = model.weight.detach()[:, 0], model.bias.detach()
-    return float((b[0] - b[1]) / (w[1] - w[0]))
-
-
-def test_the_logit_adjusted_loss_makes_the_models_own_decision_balanced():
-    """Plain cross-entropy on a 19:1 mix moves the boundary towards the rare class (the Bayes boundary is at
-    log(19)/2 = 1.47); the logit-adjusted loss puts the model's own (unadjusted) boundary at the balanced-error
-    one, 0. With the prior's sign flipped it lands at 3.7."""
-    plain = _decision_threshold(torch.nn.CrossEntropyLoss())
-    adjusted = _decision_threshold(LogitAdjustedLoss([0.95, 0.05]))
-    assert plain > 1.1
-    assert abs(adjusted) < 0.25
-
-
-def test_build_criterion_follows_train_imbalance():
-    cpu = torch.device("cpu")
-    adjusted = build_criterion(TrainConfig(imbalance="logit_adjusted", label_smoothing=0.1), cpu,
-                               class_priors=[0.75, 0.25, 0.0])
-    assert isinstance(adjusted, LogitAdjustedLoss) and adjusted.label_smoothing == 0.1
-    # The absent class takes the rarest present class's prior (log 0 would make the smoothed loss infinite).
-    assert torch.allclose(adjusted.log_priors.exp(), torch.tensor([0.6, 0.2, 0.2]))
-    assert torch.isfinite(adjusted(torch.zeros(2, 3), torch.tensor([0, 1])))
-    with pytest.raises(ValueError, match="class priors"):
-        build_criterion(TrainConfig(imbalance="logit_adjusted"), cpu)
-    weighted = build_criterion(TrainConfig(imbalance="weighted_loss"), cpu, class_weights=[0.5, 1.5])
-    assert torch.equal(weighted.weight, torch.tensor([0.5, 1.5]))
-    assert build_criterion(TrainConfig(imbalance="balanced_sampling"), cpu, class_weights=[0.5, 1.5]).weight is None

@@ -127,10 +127,9 @@ def test_cli_train_missing_manifest_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def manifest_sized_run(synthetic_manifest, tmp_path_factory) -> dict:
     """One epoch of small_cnn with data.manifest filled in and no model.image_size (what tune and nightly hand the
-    trainer); two tests read it. It trains with the logit-adjusted loss: the driver must hand the workers the
-    class priors, or the criterion refuses to start."""
+    trainer); two tests read it."""
     return train(load_config(None, ["model.backbone=small_cnn", "train.batch_size=16", "train.epochs=1",
-                                    "train.imbalance=logit_adjusted", f"data.manifest={synthetic_manifest}",
+                                    f"data.manifest={synthetic_manifest}",
                                     f"run.storage={tmp_path_factory.mktemp('sized-runs')}", "run.name=sized"]))
 
 
@@ -179,5 +178,5 @@ def test_a_run_sizes_its_images_from_the_manifest_it_reads(manifest_sized_run):
     data trains at the embedded 64 px, not at the backbone's 224, and the saved config says so."""
     summary = manifest_sized_run
     saved = load_config(storage.join(summary["run"], "config.yaml"))
-    assert saved.model.image_size == 64 and saved.train.imbalance == "logit_adjusted"
+    assert saved.model.image_size == 64
     assert _load_state(summary["checkpoint"])["config"]["model"]["image_size"] == 64

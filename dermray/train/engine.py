@@ -69,39 +69,6 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim
         group["weight_decay"] = weight_decay
 
 
-class LogitAdjustedLoss(nn.Module):
-    """Cross-entropy of the logits plus the log class priors of the training data (the logit-adjusted loss of
-    Menon et al. 2021, "Long-tail learning via logit adjustment"; Balanced Softmax). The model is trained as if
-    the prior were part of its logits, so its own logits, without the prior, estimate p(x | class): their argmax
-    is the balanced-error decision and their softmax the posterior under equal class priors, as a model trained
-    by balanced sampling gives, while every image is seen once an epoch instead of rare ones many times over."""
-
-    def __init__(self, class_priors: list[float], label_smoothing: float = 0.0):
-        super().__init__()
-        priors = torch.tensor(class_priors, dtype=torch.float64)
-        # A class absent from the training split takes the rarest present class's prior: log(0) would give an
-        # infinite loss under label smoothing, which puts a little target mass on every class.
-        priors = torch.where(priors > 0, priors, priors[priors > 0].min())
-        self.register_buffer("log_priors", torch.log(priors / priors.sum()).float())
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits + self.log_priors, labels, label_smoothing=self.label_smoothing)
-
-
-def build_criterion(cfg: TrainConfig, device: torch.device, class_weights: list[float] | None = None,
-                    class_priors: list[float] | None = None) -> nn.Module:
-    """The training loss: cross-entropy, inverse-frequency weighted (weighted_loss), or logit-adjusted by the
-    training split's class priors (logit_adjusted); label smoothing in every case."""
-    if cfg.imbalance == "logit_adjusted":
-        if class_priors is None:
-            raise ValueError("train.imbalance=logit_adjusted needs the training split's class priors")
-        return LogitAdjustedLoss(class_priors, cfg.label_smoothing).to(device)
-    weight = (torch.tensor(class_weights, dtype=torch.float32, device=device)
-              if cfg.imbalance == "weighted_loss" and class_weights else None)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-
 def resolved_amp(device: torch.device, amp: str) -> str:
     """``train.amp`` on this device: "bf16" or "off" (auto: bf16 on GPU, full precision on CPU)."""
     return "off" if amp == "off" or (amp == "auto" and device.type != "cuda") else "bf16"

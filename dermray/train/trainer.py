@@ -62,13 +62,6 @@ def class_weights(manifest: Manifest, split: str) -> list[float]:
     return [total / (len(present) * counts[c]) if counts[c] else 0.0 for c in range(len(manifest.classes))]
 
 
-def class_priors(manifest: Manifest, split: str) -> list[float]:
-    """Each class's share of the split's images, in the manifest's class order (absent classes: 0)."""
-    counts = Counter(manifest.split(split)["label"].to_pylist())
-    total = max(sum(counts.values()), 1)
-    return [counts[c] / total for c in range(len(manifest.classes))]
-
-
 def worker_resources(config: Config) -> tuple[dict, int]:
     """Resources per worker and torch threads (on a CPU cluster: ``dermray.train.sizing``)."""
 
@@ -204,8 +197,6 @@ def _worker_inputs(config: Config, manifest: Manifest, threads: int, continue_fr
         train_rows=train_rows,
         class_weights=class_weights(manifest, config.data.train_split)
         if config.train.imbalance == "weighted_loss" else None,
-        class_priors=class_priors(manifest, config.data.train_split)
-        if config.train.imbalance == "logit_adjusted" else None,
         # The last partial batch is dropped (a batch of one breaks BatchNorm), unless a pilot collection's
         # split is smaller than one batch: then that partial batch is all there is to train on.
         drop_last=train_rows >= config.train.batch_size * config.scaling.num_workers,

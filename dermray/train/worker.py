@@ -40,7 +40,6 @@ from dermray.models.backbones import (
 from dermray.models.checkpoint import STATE_FILE, ModelIdentity, initial_model, write_checkpoint
 from dermray.ray_runtime import keep_off_console
 from dermray.train.engine import (
-    build_criterion,
     build_optimizer,
     build_scheduler,
     channels_last_for,
@@ -60,7 +59,6 @@ class WorkerInputs:
     identity: ModelIdentity  # classes, taxonomy, melanoma class, resolved config (JSON): into every checkpoint
     train_rows: int  # rows of the training split (for the schedule's steps per epoch)
     class_weights: list[float] | None = None  # the weighted loss's, when train.imbalance is weighted_loss
-    class_priors: list[float] | None = None  # the training split's class frequencies (logit_adjusted)
     # False only for a pilot split smaller than one batch: its partial batch is all there is to train on.
     drop_last: bool = True
     torch_threads: int | None = None  # CPU workers: the CPUs each was given
@@ -99,7 +97,11 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
 
     model, resume_state, history = _restore(config, inputs, rank, device)
     start_epoch = resume_state["epoch"] + 1 if resume_state else 0
-    criterion = build_criterion(config.train, device, inputs.class_weights, inputs.class_priors)
+    criterion = nn.CrossEntropyLoss(
+        weight=torch.tensor(inputs.class_weights, dtype=torch.float32, device=device) if inputs.class_weights
+        else None,
+        label_smoothing=config.train.label_smoothing,
+    )
     steps_per_epoch = max(1, math.ceil(inputs.train_rows / (config.train.batch_size * context.get_world_size())))
     nodes = _worker_nodes()
     if rank == 0:
