@@ -132,6 +132,12 @@ class TrainConfig(_Strict):
     """Step schedule: multiply the lr by this (Esteva: 1/16 every 30 epochs)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Cross-entropy label smoothing (0: off)."""
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    """MixUp (Zhang et al. 2018): each training batch blended with itself shifted by one image, the images and
+    their labels alike, by a weight drawn from Beta(a, a) per batch (0: off; 0.2-0.4 for short schedules)."""
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    """CutMix (Yun et al. 2019): a box of another image of the batch pasted in, the labels mixed by its area, the
+    box's area drawn from Beta(a, a) (0: off; 1.0 is the usual). With MixUp too, each batch takes one of the two."""
     imbalance: Literal["weighted_loss", "balanced_sampling", "none"] = "weighted_loss"
     """Class imbalance: inverse-frequency loss weights, or sampling each class equally often."""
     aux_loss_weight: float = Field(0.4, ge=0.0)

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from dermray.config import TrainConfig
-from dermray.train.engine import build_optimizer, build_scheduler, lr_factor, set_hyperparameters
+from dermray.train.engine import (
+    EpochStats,
+    batch_mixer,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    set_hyperparameters,
+    train_one_epoch,
+)
 
 
 def _stepped(cfg: TrainConfig, lr: float, steps: int):
@@ -86,3 +94,49 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_and_only_then():
     assert (slow_bf16_warning(cpu, "bf16") is None) == native  # this machine's own answer, either way
     assert slow_bf16_warning(cpu, "auto") is None and slow_bf16_warning(cpu, "off") is None
     assert slow_bf16_warning(torch.device("cuda"), "bf16") is None
+
+
+def _batch(n: int = 6, classes: int = 3):
+    torch.manual_seed(1)
+    images = torch.rand(n, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    return images, torch.arange(n) % classes
+
+
+def test_mixup_blends_each_image_with_its_neighbour_by_the_weight_its_labels_carry():
+    assert batch_mixer(TrainConfig(), 3) is None
+    images, labels = _batch()
+    mixed, soft = batch_mixer(TrainConfig(mixup_alpha=0.4), 3)(images, labels)
+    assert soft.shape == (6, 3) and torch.allclose(soft.sum(1), torch.ones(6))
+    weight = soft[torch.arange(6), labels]  # the share of each image's own class
+    assert torch.allclose(weight, weight[0]) and 0 < weight[0] < 1  # one draw per batch
+    neighbour = images.roll(1, 0)
+    assert torch.allclose(mixed, weight[0] * images + (1 - weight[0]) * neighbour, atol=1e-6)
+    assert torch.allclose(soft[torch.arange(6), labels.roll(1, 0)], 1 - weight)
+
+
+def test_cutmix_pastes_a_box_of_the_neighbour_and_mixes_the_labels_by_its_area():
+    images, labels = _batch()
+    torch.manual_seed(3)
+    mixed, soft = batch_mixer(TrainConfig(cutmix_alpha=1.0), 3)(images, labels)
+    pasted = (mixed != images).any(dim=1)  # (N, H, W): pixels taken from the neighbour
+    assert torch.equal(mixed[:, :, pasted[0]], images.roll(1, 0)[:, :, pasted[0]])
+    assert torch.equal(pasted, pasted[:1].expand_as(pasted))  # the same box in every image of the batch
+    kept = 1 - pasted[0].float().mean()
+    assert 0 < kept < 1
+    assert torch.allclose(soft[torch.arange(6), labels], kept.expand(6), atol=1e-6)
+
+
+def test_a_mixed_epoch_trains_on_soft_labels_with_label_smoothing():
+    cfg = TrainConfig(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    optimizer = build_optimizer(list(model.parameters()), cfg, 0.01)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=4, steps_per_epoch=4)
+    batches = [{"image": torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8), "label": torch.arange(8) % 3}
+               for _ in range(4)]
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, batches, optimizer, scheduler,
+                            torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), torch.device("cpu"),
+                            amp="off", mix=batch_mixer(cfg, 3))
+    assert isinstance(stats, EpochStats) and stats.images == 32 and 0 < stats.loss < 10
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -69,6 +69,18 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim
         group["weight_decay"] = weight_decay
 
 
+def batch_mixer(cfg: TrainConfig, num_classes: int) -> Callable | None:
+    """MixUp and/or CutMix over a batch of (normalised images, int labels) -> (mixed images, soft labels), as
+    torchvision implements them; None when both are off."""
+    from torchvision.transforms import v2
+
+    mixers = ([v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes)] if cfg.mixup_alpha > 0 else []) + (
+        [v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes)] if cfg.cutmix_alpha > 0 else [])
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 def resolved_amp(device: torch.device, amp: str) -> str:
     """``train.amp`` on this device: "bf16" or "off" (auto: bf16 on GPU, full precision on CPU)."""
     return "off" if amp == "off" or (amp == "auto" and device.type != "cuda") else "bf16"
@@ -130,9 +142,11 @@ def train_one_epoch(
     aux_loss_weight: float = 0.4,
     after_train_mode=None,
     on_batch: Callable[[int], None] | None = None,
+    mix: Callable | None = None,
 ) -> EpochStats:
     """One pass over ``batches``; returns the mean loss and the images/s of this worker. ``on_batch`` is called
-    with each batch's image count after its step (a progress line)."""
+    with each batch's image count after its step (a progress line); ``mix`` (``batch_mixer``) mixes each batch
+    of images and its labels before the step (the reported loss is then against the mixed labels)."""
     model.train()
     if after_train_mode is not None:
         after_train_mode(model)  # e.g. keep a frozen backbone's BatchNorm statistics fixed
@@ -142,6 +156,8 @@ def train_one_epoch(
     for batch in batches:
         images = model_inputs(batch, device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
+        if mix is not None:
+            images, labels = mix(images, labels)
         with autocast_for(device, amp):
             logits, aux = split_logits(model(images))
             loss = criterion(logits.float(), labels)

@@ -40,6 +40,7 @@ from dermray.models.backbones import (
 from dermray.models.checkpoint import STATE_FILE, ModelIdentity, initial_model, write_checkpoint
 from dermray.ray_runtime import keep_off_console
 from dermray.train.engine import (
+    batch_mixer,
     build_optimizer,
     build_scheduler,
     channels_last_for,
@@ -212,6 +213,8 @@ def _train_and_validate(phase: _Phase, config: Config, inputs: WorkerInputs, cri
         phase.model, _batches(names["train"], config, inputs, device, training=True), phase.optimizer,
         phase.scheduler, criterion, device, config.train.amp, config.train.aux_loss_weight,
         after_train_mode=frozen_bn, on_batch=on_batch,
+        # Images only: cached head-phase features are the eval preset's, unaugmented, as in the VGG16 source.
+        mix=None if phase.cached_features else batch_mixer(config.train, len(inputs.identity.classes)),
     )
     probs, labels = predict(phase.model, _batches(names["val"], config, inputs, device, training=False), device,
                             config.train.amp)
