@@ -138,6 +138,10 @@ class TrainConfig(_Strict):
     cutmix_alpha: float = Field(0.0, ge=0.0)
     """CutMix (Yun et al. 2019): a box of another image of the batch pasted in, the labels mixed by its area, the
     box's area drawn from Beta(a, a) (0: off; 1.0 is the usual). With MixUp too, each batch takes one of the two."""
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    """Exponential moving average of the weights (0: off; 0.998 averages over about the last 500 steps): the
+    average, BatchNorm statistics included, is what validation scores, checkpoints rank and inference serves;
+    the raw weights keep training. Warmed up as min(decay, (1 + n) / (10 + n)) after n steps."""
     imbalance: Literal["weighted_loss", "balanced_sampling", "none"] = "weighted_loss"
     """Class imbalance: inverse-frequency loss weights, or sampling each class equally often."""
     aux_loss_weight: float = Field(0.4, ge=0.0)

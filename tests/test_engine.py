@@ -12,6 +12,7 @@ from dermray.train.engine import (
     lr_factor,
     set_hyperparameters,
     train_one_epoch,
+    weight_average,
 )
 
 
@@ -140,3 +141,45 @@ def test_a_mixed_epoch_trains_on_soft_labels_with_label_smoothing():
                             amp="off", mix=batch_mixer(cfg, 3))
     assert isinstance(stats, EpochStats) and stats.images == 32 and 0 < stats.loss < 10
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_weight_average_is_an_ema_with_warm_up_over_weights_and_batchnorm_statistics():
+    """train.ema_decay: after the first update (a copy), each update k blends by min(decay, (1 + k) / (10 + k)):
+    the warm-up for the first steps, then the cap; BatchNorm running statistics are averaged, its batch counter
+    copied. A hand-kept average of the same sequence of weights must match it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    averaged = weight_average(model, decay=0.5)
+    expected: dict[str, torch.Tensor] = {}
+    for k in range(12):  # the cap 0.5 takes over from the warm-up at k = 8
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()
+        model(torch.randn(8, 3) * (k + 1))  # moves the running statistics
+        averaged.update_parameters(model)
+        decay = min(0.5, (1 + k) / (10 + k))
+        for name, value in model.state_dict().items():
+            if k == 0 or not value.is_floating_point():
+                expected[name] = value.clone()
+            else:
+                expected[name] = decay * expected[name] + (1 - decay) * value
+    served = averaged.module.state_dict()
+    assert served.keys() == expected.keys() and int(averaged.n_averaged) == 12
+    for name, value in expected.items():
+        assert torch.allclose(served[name], value, atol=1e-5), name
+    assert int(served["1.num_batches_tracked"]) == 12
+    assert not torch.allclose(served["0.weight"], model.state_dict()["0.weight"])  # an average, not a copy
+
+
+def test_an_epoch_calls_after_step_once_per_optimizer_step():
+    cfg = TrainConfig()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    optimizer = build_optimizer(list(model.parameters()), cfg, 0.01)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=5, steps_per_epoch=5)
+    averaged = weight_average(model, decay=0.9)
+    batches = [{"image": torch.randint(0, 256, (4, 4, 4, 3), dtype=torch.uint8), "label": torch.arange(4) % 2}
+               for _ in range(5)]
+    train_one_epoch(model, batches, optimizer, scheduler, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                    amp="off", after_step=lambda: averaged.update_parameters(model))
+    assert int(averaged.n_averaged) == 5

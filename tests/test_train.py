@@ -12,8 +12,10 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import log_loss
 
 from dermray import storage
 from dermray.config import load_config
@@ -21,6 +23,7 @@ from dermray.data.manifest import read_manifest
 from dermray.data.sources import SourceOptions
 from dermray.data.stage import stage
 from dermray.errors import DermrayError
+from dermray.evaluation.evaluate import predict_split
 from dermray.models.checkpoint import STATE_FILE
 from dermray.train.trainer import train
 
@@ -170,6 +173,33 @@ def test_checkpoints_are_ranked_by_the_configured_metric(synthetic_manifest, tmp
     assert summary["metrics"]["epoch"] == lowest["epoch"]
     assert summary["metrics"]["loss"] == pytest.approx(lowest["val_loss"])
     assert _load_state(summary["checkpoint"])["epoch"] == lowest["epoch"] - 1  # state.pt counts from 0
+
+
+@pytest.mark.slow
+def test_a_weight_averaged_run_scores_and_serves_the_average_and_resumes_it(synthetic_manifest, tmp_path):
+    """train.ema_decay: the checkpoint's served weights ("model") are the average, and they are what validation
+    scored (inference with them reproduces the epoch's val loss); the raw weights ride along for a resume, which
+    continues the average's update count instead of restarting it."""
+    base = ["model.backbone=small_cnn", "model.image_size=32", "train.batch_size=16", "train.lr=0.003",
+            "train.ema_decay=0.9", f"data.manifest={synthetic_manifest}", f"run.storage={tmp_path}", "run.name=ema"]
+    first = train(load_config(None, base + ["train.epochs=2", "run.checkpoints_to_keep=2"]))
+    state = _load_state(first["latest_checkpoint"])
+    updates = state["average_updates"]
+    assert updates > 0 and updates % 2 == 0  # two epochs of equal step counts
+    served, raw = state["model"], state["training_model"]
+    assert served.keys() == raw.keys()
+    assert any(not torch.equal(served[k], raw[k]) for k in served if served[k].is_floating_point())
+
+    manifest = read_manifest(synthetic_manifest)
+    result = predict_split(first["latest_checkpoint"], manifest, "val")
+    order = np.argsort(result.image_uris)  # any order: the loss is a mean
+    loss = log_loss(result.labels[order], np.clip(result.probs[order], 1e-7, 1.0),
+                    labels=list(range(len(manifest.classes))))
+    assert loss == pytest.approx(state["history"][-1]["val_loss"], abs=2e-3)
+
+    second = train(load_config(None, base + ["train.epochs=3"]))
+    assert second["resumed_from"] == first["latest_checkpoint"]
+    assert _load_state(second["latest_checkpoint"])["average_updates"] == updates * 3 // 2
 
 
 @pytest.mark.slow

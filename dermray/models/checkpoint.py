@@ -70,15 +70,22 @@ class ModelIdentity:
 
 
 def write_checkpoint(directory: str, identity: ModelIdentity, model: nn.Module, optimizer, scheduler, epoch: int,
-                     phase: str, metrics: dict, history: list[dict]) -> None:
+                     phase: str, metrics: dict, history: list[dict], averaged=None) -> None:
     """Write ``state.pt`` (everything needed to resume: weights, optimizer, schedule, epoch; and to serve:
     classes, taxonomy, config) as plain tensors and containers that ``torch.load(weights_only=True)`` accepts,
-    and ``meta.json`` (what the model is and how it scored, cheap to read) into the local ``directory``."""
+    and ``meta.json`` (what the model is and how it scored, cheap to read) into the local ``directory``.
+
+    With a weight average (``train.ema_decay``; a torch ``AveragedModel`` of ``model``), ``model`` in the state
+    is the average, the weights every reader serves, and ``training_model`` the raw weights a resumed run
+    continues from, with ``average_updates``."""
 
     common = {"epoch": epoch, "phase": phase, "classes": identity.classes, "taxonomy": identity.taxonomy,
               "melanoma_class": identity.melanoma_class, "config": identity.config}
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "history": history, **common}
+    if averaged is not None:
+        state.update(model=averaged.module.state_dict(), training_model=model.state_dict(),
+                     average_updates=int(averaged.n_averaged))
     torch.save(state, os.path.join(directory, STATE_FILE))
     model_config = identity.config["model"]
     # The config is in meta.json too, so that a report can show it without fetching the (large) state.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from dermray.config import TrainConfig
 from dermray.data.ingest import normalize_on_device
@@ -81,6 +82,30 @@ def batch_mixer(cfg: TrainConfig, num_classes: int) -> Callable | None:
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
+def weight_average(model: nn.Module, decay: float, device: torch.device | None = None) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics (torch's AveragedModel), on
+    ``device``; call ``update_parameters(model)`` after each optimizer step. The decay after n updates is
+    min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage warm-up), so the random initial
+    weights do not linger in the average. The update counter stays on the host: no device sync per step."""
+
+    cell: list[AveragedModel] = []
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _updates: torch.Tensor) -> None:
+        n = int(cell[0].n_averaged)  # the host copy (the argument is the device's)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for avg, cur in zip(averaged, current):
+            if avg.is_floating_point():
+                avg.lerp_(cur, weight)
+            else:
+                avg.copy_(cur)  # counters (BatchNorm's num_batches_tracked) are not averaged
+
+    cell.append(AveragedModel(model, multi_avg_fn=update, use_buffers=True))
+    if device is not None:
+        cell[0].module.to(device)
+    return cell[0]
+
+
 def resolved_amp(device: torch.device, amp: str) -> str:
     """``train.amp`` on this device: "bf16" or "off" (auto: bf16 on GPU, full precision on CPU)."""
     return "off" if amp == "off" or (amp == "auto" and device.type != "cuda") else "bf16"
@@ -143,10 +168,12 @@ def train_one_epoch(
     after_train_mode=None,
     on_batch: Callable[[int], None] | None = None,
     mix: Callable | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass over ``batches``; returns the mean loss and the images/s of this worker. ``on_batch`` is called
     with each batch's image count after its step (a progress line); ``mix`` (``batch_mixer``) mixes each batch
-    of images and its labels before the step (the reported loss is then against the mixed labels)."""
+    of images and its labels before the step (the reported loss is then against the mixed labels);
+    ``after_step`` runs after each optimizer step (a weight average's update)."""
     model.train()
     if after_train_mode is not None:
         after_train_mode(model)  # e.g. keep a frozen backbone's BatchNorm statistics fixed
@@ -167,6 +194,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         total_loss += loss.detach().float() * len(labels)
         seen += len(labels)
         if on_batch is not None:

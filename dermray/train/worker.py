@@ -48,6 +48,7 @@ from dermray.train.engine import (
     set_hyperparameters,
     slow_bf16_warning,
     train_one_epoch,
+    weight_average,
 )
 from dermray.train.feature_cache import HEAD_DATASETS
 from dermray.train.progress import ProgressLine
@@ -80,6 +81,9 @@ class _Phase:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     cached_features: bool = False
+    # train.ema_decay: the moving average of the whole model's weights, which validation scores and the
+    # checkpoint serves (shared by the phases: it averages the model, not the phase's optimizer).
+    averaged: Any = None
 
 
 def train_loop_per_worker(train_loop_config: dict) -> None:
@@ -97,6 +101,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
         torch.set_num_threads(inputs.torch_threads)
 
     model, resume_state, history = _restore(config, inputs, rank, device)
+    averaged = _weight_average(model, config, resume_state, device)
     start_epoch = resume_state["epoch"] + 1 if resume_state else 0
     criterion = nn.CrossEntropyLoss(
         weight=torch.tensor(inputs.class_weights, dtype=torch.float32, device=device) if inputs.class_weights
@@ -114,11 +119,12 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
     for epoch in range(start_epoch, config.train.epochs):
         if _phase_name(epoch, config) != (phase and phase.name):
             phase = _start_phase(model, config, inputs, epoch, steps_per_epoch, resume_state)
+            phase.averaged = averaged
         # Rank 0 prints a line every few seconds inside the epoch (DERMRAY_PROGRESS_SECONDS; an epoch of a large
         # collection takes hours); its images count for every worker's, as the shards are equal.
         progress = (ProgressLine(epoch + 1, config.train.epochs, phase.name, steps_per_epoch)
                     if rank == 0 else None)
-        metrics = _train_and_validate(phase, config, inputs, criterion, device, epoch,
+        metrics = _train_and_validate(phase, model, config, inputs, criterion, device, epoch,
                                       progress and (lambda n, p=progress: p.update(n * context.get_world_size())))
         metrics["worker_nodes"] = nodes
         history.append(metrics)
@@ -148,7 +154,8 @@ def _restore(config: Config, inputs: WorkerInputs, rank: int, device: torch.devi
         model = _on_device_layout(build_model(config.model.backbone, len(inputs.identity.classes)), device, config)
         with checkpoint.as_directory() as directory:
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        # With a weight average, "model" is the average (what inference serves); training goes on from the raw.
+        model.load_state_dict(state.get("training_model", state["model"]))
         if rank == 0:
             _log(f"[dermray] resuming after epoch {state['epoch'] + 1} of {config.train.epochs}")
         return model, state, list(state.get("history", []))
@@ -156,6 +163,18 @@ def _restore(config: Config, inputs: WorkerInputs, rank: int, device: torch.devi
     if config.model.init_checkpoint and rank == 0:
         _log(f"[dermray] starting from the weights of {config.model.init_checkpoint}")
     return model, None, []
+
+
+def _weight_average(model: nn.Module, config: Config, resume_state: dict | None, device: torch.device):
+    """The moving average of the weights (``train.ema_decay``; None when off), restored with its update count when
+    the checkpoint being resumed kept one (else it starts from the model as it is)."""
+    if config.train.ema_decay <= 0:
+        return None
+    averaged = weight_average(model, config.train.ema_decay, device)
+    if resume_state is not None and "training_model" in resume_state:
+        averaged.module.load_state_dict(resume_state["model"])
+        averaged.n_averaged.fill_(int(resume_state["average_updates"]))
+    return averaged
 
 
 def _on_device_layout(model: nn.Module, device: torch.device, config: Config) -> nn.Module:
@@ -203,9 +222,11 @@ def _batches(name: str, config: Config, inputs: WorkerInputs, device: torch.devi
     )
 
 
-def _train_and_validate(phase: _Phase, config: Config, inputs: WorkerInputs, criterion: nn.Module,
-                        device: torch.device, epoch: int, on_batch=None) -> dict:
-    """One epoch of training and validation; the epoch's metrics, identical on every worker."""
+def _train_and_validate(phase: _Phase, model: nn.Module, config: Config, inputs: WorkerInputs,
+                        criterion: nn.Module, device: torch.device, epoch: int, on_batch=None) -> dict:
+    """One epoch of training and validation; the epoch's metrics, identical on every worker. ``model`` is the
+    whole unwrapped network (``phase.model`` may be its DDP wrapper or only its head): the weight average
+    follows it."""
     names = HEAD_DATASETS if phase.cached_features else {"train": "train", "val": "val"}
     frozen_bn = ((lambda m: freeze_batchnorm_stats(m, config.model.backbone))
                  if phase.name == "head" and not phase.cached_features else None)
@@ -215,8 +236,14 @@ def _train_and_validate(phase: _Phase, config: Config, inputs: WorkerInputs, cri
         after_train_mode=frozen_bn, on_batch=on_batch,
         # Images only: cached head-phase features are the eval preset's, unaugmented, as in the VGG16 source.
         mix=None if phase.cached_features else batch_mixer(config.train, len(inputs.identity.classes)),
+        after_step=None if phase.averaged is None else (lambda: phase.averaged.update_parameters(model)),
     )
-    probs, labels = predict(phase.model, _batches(names["val"], config, inputs, device, training=False), device,
+    # The average scores the epoch when there is one. Cached features feed only a head: the average's head then
+    # (the backbone, frozen in that phase, is the same in both).
+    scored = phase.averaged.module if phase.averaged is not None else phase.model
+    if phase.averaged is not None and phase.cached_features:
+        scored = head_module(phase.averaged.module, config.model.backbone)
+    probs, labels = predict(scored, _batches(names["val"], config, inputs, device, training=False), device,
                             config.train.amp)
     probs, labels = _gather_predictions(probs, labels)
     images = _sum_over_workers(stats.images, device)
@@ -258,7 +285,7 @@ def _report(model: nn.Module, phase: _Phase, identity: ModelIdentity, epoch: int
         checkpoint = None
         if rank == 0:
             write_checkpoint(directory, identity, model, phase.optimizer, phase.scheduler, epoch, phase.name,
-                             metrics, history)
+                             metrics, history, averaged=phase.averaged)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
 
