@@ -118,8 +118,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
     run_started = time.perf_counter()
     for epoch in range(start_epoch, config.train.epochs):
         if _phase_name(epoch, config) != (phase and phase.name):
-            phase = _start_phase(model, config, inputs, epoch, steps_per_epoch, resume_state)
-            phase.averaged = averaged
+            phase = _start_phase(model, config, inputs, epoch, steps_per_epoch, resume_state, averaged)
         # Rank 0 prints a line every few seconds inside the epoch (DERMRAY_PROGRESS_SECONDS; an epoch of a large
         # collection takes hours); its images count for every worker's, as the shards are equal.
         progress = (ProgressLine(epoch + 1, config.train.epochs, phase.name, steps_per_epoch)
@@ -182,9 +181,10 @@ def _on_device_layout(model: nn.Module, device: torch.device, config: Config) ->
 
 
 def _start_phase(model: nn.Module, config: Config, inputs: WorkerInputs, epoch: int, steps_per_epoch: int,
-                 resume_state: dict | None) -> _Phase:
+                 resume_state: dict | None, averaged: Any) -> _Phase:
     """Freeze or unfreeze the backbone, build the phase's optimizer and schedule (restored when the checkpoint
-    being resumed was saved in this phase) and wrap the model for DDP."""
+    being resumed was saved in this phase) and wrap the model for DDP. ``averaged`` (the run's weight average or
+    None) carries over from phase to phase."""
 
     name = _phase_name(epoch, config)
     head_only = name == "head"
@@ -205,7 +205,7 @@ def _start_phase(model: nn.Module, config: Config, inputs: WorkerInputs, epoch: 
     # DDP registers gradient hooks for the parameters trainable when it wraps: re-wrap per phase. On cached
     # features only the head runs, so only the head is wrapped.
     trained = head_module(model, config.model.backbone) if cached else model
-    return _Phase(name, ray.train.torch.prepare_model(trained), optimizer, scheduler, cached)
+    return _Phase(name, ray.train.torch.prepare_model(trained), optimizer, scheduler, cached, averaged)
 
 
 def _batches(name: str, config: Config, inputs: WorkerInputs, device: torch.device, training: bool):
