@@ -89,6 +89,59 @@ def test_tta_averages_eight_views(isic_checkpoint, isic2018_manifest_local, tmp_
         evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t9"), tta=9)
 
 
+def test_an_ensemble_is_its_members_mean_image_by_image(isic_checkpoint, isic2018_manifest_local, tmp_path):
+    """The run's last two checkpoints (epochs 1 and 2) as an ensemble: each image's probabilities are the mean of
+    the two members' for that same image, whatever order Ray Data handed the rows back in, and every figure in
+    metrics.json is the ensemble's."""
+    from pathlib import Path
+
+    from dermray.cli import build_parser
+
+    members = sorted(str(p) for p in Path(isic_checkpoint).parent.glob("checkpoint_*") if p.is_dir())
+    assert len(members) == 2  # run.checkpoints_to_keep: 2
+    for name, checkpoint in (("a", members[0]), ("b", members[1]), ("ab", members)):
+        evaluate(checkpoint, isic2018_manifest_local, "val", str(tmp_path / name), bootstrap=0)
+
+    def predictions(out: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        table = pq.read_table(f"{tmp_path / out}/predictions.parquet").to_pandas().sort_values("image_uri")
+        return list(table["image_uri"]), table[[f"p_{c}" for c in HAM]].to_numpy(), table["label"].to_numpy()
+
+    (uris, a, labels), (uris_b, b, _), (uris_ab, ab, labels_ab) = map(predictions, ("a", "b", "ab"))
+    assert uris == uris_b == uris_ab and (labels == labels_ab).all()
+    assert np.abs(a - b).max() > 1e-3  # the members differ, so their mean is neither of them
+    assert np.allclose(ab, (a + b) / 2, atol=1e-6)
+    metrics = json.loads((tmp_path / "ab" / "metrics.json").read_text())
+    assert metrics["checkpoints"] == [storage.normalize(m) for m in members]
+    assert metrics["images"] == len(uris)
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, ab.argmax(1)))
+    report = (tmp_path / "ab" / "report.html").read_text()
+    assert "an ensemble of 2" in report and "member 2" in report and "alt='curves.png'" not in report
+    with pytest.raises(DermrayError, match="named twice"):
+        evaluate([members[0], members[0]], isic2018_manifest_local, "val", str(tmp_path / "twice"))
+    # The command line takes --checkpoint more than once.
+    args = build_parser().parse_args(["evaluate", "--checkpoint", members[0], "--checkpoint", members[1],
+                                      "--manifest", isic2018_manifest_local])
+    assert args.checkpoint == members
+
+
+def test_ensemble_members_are_matched_by_image_not_by_position():
+    """Rows come back from Ray Data in any order, and an image one member could not read has no ensemble
+    prediction: it counts as unreadable rather than taking the other member's probabilities alone."""
+    from dermray.evaluation.evaluate import SplitPredictions, ensemble_predictions
+
+    def member(uris: list[str], labels: list[int], probs: list[list[float]], dropped: int) -> SplitPredictions:
+        return SplitPredictions(uris, np.array(labels), np.array(probs), None, ["a", "b"], None, None, dropped)
+
+    first = member(["x", "y", "z"], [0, 1, 1], [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dropped=0)
+    second = member(["z", "x"], [1, 0], [[0.2, 0.8], [0.5, 0.5]], dropped=1)  # y unreadable here
+    joined = ensemble_predictions([first, second])
+    assert joined.image_uris == ["x", "z"] and joined.labels.tolist() == [0, 1]
+    assert np.allclose(joined.probs, [[0.7, 0.3], [0.4, 0.6]])
+    assert joined.dropped == 1
+    with pytest.raises(DermrayError, match="lists one image twice"):
+        ensemble_predictions([member(["x", "x"], [0, 0], [[1, 0], [1, 0]], 0), first])
+
+
 def test_predict_over_a_folder_reports_unreadable_images(isic_checkpoint, tmp_path):
     from tests.conftest import data_path
 

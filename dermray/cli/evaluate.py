@@ -16,6 +16,8 @@ EPILOG = textwrap.dedent(
     example:
       dermray evaluate --checkpoint ./dermray-store/runs/default/checkpoint_2026-... \\
                        --manifest ./dermray-store/datasets/synthetic --split test --tta 8
+      dermray evaluate --checkpoint RUN_A/checkpoint_... --checkpoint RUN_B/checkpoint_... \\
+                       --manifest ./dermray-store/datasets/ham10000 --split val     # an ensemble of two runs
     """
 )
 
@@ -29,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "precision, calibration, bootstrap 95% intervals, ROC/confusion/reliability plots and report.html.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint_* folder of a run (local or s3://)")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a checkpoint_* folder of a run (local or s3://); give it more than once to evaluate the "
+                   "ensemble of several runs (the mean of their probabilities, each model at its own image size)")
     p.add_argument("--manifest", required=True, help="manifest from `dermray stage` (folder or .parquet)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", help="output folder or prefix (default: <checkpoint>/eval-<split>)")

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -94,6 +95,28 @@ def predict_split(checkpoint: str, manifest: Manifest, split: str, tta: int = 1,
     )
 
 
+def ensemble_predictions(members: list[SplitPredictions]) -> SplitPredictions:
+    """One prediction per image from several models' passes over the same split: the mean of their probabilities.
+    Ray Data hands rows back in no fixed order, so members are matched by image URI; an image that one member
+    could not read has no ensemble prediction (it counts as unreadable)."""
+    first = members[0]
+    if len(members) == 1:
+        return first
+    positions = [{uri: i for i, uri in enumerate(member.image_uris)} for member in members]
+    if any(len(index) != len(member.image_uris) for index, member in zip(positions, members)):
+        raise DermrayError("evaluate: the split lists one image twice, so an ensemble cannot match its members' "
+                           "predictions image by image (re-stage the collection)")
+    uris = [uri for uri in first.image_uris if all(uri in index for index in positions[1:])]
+    rows = [np.array([index[uri] for uri in uris], dtype=np.int64) for index in positions]
+    labels = first.labels[rows[0]]
+    for member, row in zip(members[1:], rows[1:]):
+        if not np.array_equal(member.labels[row], labels):  # one manifest, so this would be a bug, never data
+            raise DermrayError("evaluate: the ensemble's members disagree on the images' labels")
+    probs = np.mean([member.probs[row] for member, row in zip(members, rows)], axis=0)
+    return replace(first, image_uris=uris, labels=labels, probs=probs, features=None,
+                   dropped=first.dropped + len(first.image_uris) - len(uris))
+
+
 def _figures(result: SplitPredictions, metrics: dict) -> dict[str, bytes]:
     predicted = result.probs.argmax(axis=1)
     curves = []
@@ -170,30 +193,45 @@ def trained_on_split(config: dict, manifest: str, split: str) -> list[str]:
     return [name for name in split_names(split) if name in trained]
 
 
-def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | None = None, tta: int = 1,
-             bootstrap: int = 200) -> dict:
+def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test", out: str | None = None,
+             tta: int = 1, bootstrap: int = 200) -> dict:
     """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet``, ``report.html`` and, for the
     classes of an ISIC challenge, ``isic_submission.csv`` to ``out`` (default: ``<checkpoint>/eval-<split>``);
-    returns the JSON summary with the headline metrics and ``outputs`` (the optional files written)."""
+    returns the JSON summary with the headline metrics and ``outputs`` (the optional files written).
+
+    Several checkpoints evaluate their ensemble: each runs over the split at its own image size and colour
+    handling, and an image's prediction is the mean of their probabilities (default ``out``:
+    ``<first checkpoint>/eval-<split>-ensemble-<n>``)."""
 
     started = time.monotonic()
     if tta < 1 or tta > 8:
         raise DermrayError(f"evaluate: --tta must be between 1 (off) and 8 views, got {tta}")
+    checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    if not checkpoints:
+        raise DermrayError("evaluate: no checkpoint given")
+    normalized = [storage.normalize(c) for c in checkpoints]
+    if len(set(normalized)) != len(normalized):
+        raise DermrayError("evaluate: the same checkpoint is named twice (an ensemble's members are different "
+                           "checkpoints)")
     loaded_manifest = read_manifest(manifest)
     # meta.json carries the config; older checkpoints have it only in the (large) state.pt.
-    config = read_checkpoint_meta(checkpoint).get("config") or read_checkpoint_state(checkpoint)["config"]
-    trained_on = trained_on_split(config, manifest, split)
+    configs = [read_checkpoint_meta(c).get("config") or read_checkpoint_state(c)["config"] for c in checkpoints]
+    trained_on = sorted({name for config in configs for name in trained_on_split(config, manifest, split)})
     if trained_on:
-        print(f"[dermray] warning: the checkpoint was trained on the '{', '.join(trained_on)}' images of this "
-              "manifest: its figures on them are not a held-out estimate", file=sys.stderr, flush=True)
-    result = predict_split(checkpoint, loaded_manifest, split, tta=tta)
+        who = "the checkpoint was" if len(checkpoints) == 1 else "a member of the ensemble was"
+        print(f"[dermray] warning: {who} trained on the '{', '.join(trained_on)}' images of this manifest: its "
+              "figures on them are not a held-out estimate", file=sys.stderr, flush=True)
+    result = ensemble_predictions([predict_split(c, loaded_manifest, split, tta=tta) for c in checkpoints])
     metrics = evaluate_predictions(result.probs, result.labels, result.classes, result.taxonomy,
                                    result.melanoma_class, bootstrap=bootstrap)
     metrics.update({"split": split, "tta": tta, "unreadable_images": result.dropped,
-                    "trained_on": trained_on})
-    out = storage.normalize(out or storage.join(storage.normalize(checkpoint), f"eval-{split}"))
+                    "trained_on": trained_on, "checkpoints": normalized})
+    ensemble = len(checkpoints) > 1
+    default_out = f"eval-{split}-ensemble-{len(checkpoints)}" if ensemble else f"eval-{split}"
+    out = storage.normalize(out or storage.join(normalized[0], default_out))
     figures = _figures(result, metrics)
-    figures.update(_learning_curves(checkpoint))
+    if not ensemble:  # one run's curves; an ensemble has several
+        figures.update(_learning_curves(checkpoints[0]))
     for name, png in figures.items():
         storage.write_bytes(storage.join(out, name), png)
     storage.write_bytes(storage.join(out, "predictions.parquet"), _predictions_table(result))
@@ -206,19 +244,23 @@ def evaluate(checkpoint: str, manifest: str, split: str = "test", out: str | Non
             "file": storage.write_text(storage.join(out, "isic_submission.csv"), csv), "challenge": layout.challenge,
             "rows": csv.count("\n") - 1, "unreadable_left_out": result.dropped + no_prediction}
     provenance = {
-        "checkpoint": storage.normalize(checkpoint), "manifest": manifest_uri(manifest), "split": split,
+        ("checkpoints (ensemble: the mean of their probabilities)" if ensemble else "checkpoint"):
+            ", ".join(normalized), "manifest": manifest_uri(manifest), "split": split,
         "images evaluated": metrics["images"], "unreadable images (left out)": result.dropped,
         "test-time augmentation views": tta, "dermray": __version__, "evaluated at (UTC)":
         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
+    title = f"dermray evaluation: {split} split" + (f", an ensemble of {len(checkpoints)}" if ensemble else "")
+    shown_config = {f"member {i + 1}": config for i, config in enumerate(configs)} if ensemble else configs[0]
     report_uri = storage.write_text(storage.join(out, "report.html"), render_report(
-        f"dermray evaluation: {split} split", metrics, figures, config, provenance))
-    run_tracking.log_evaluation(checkpoint, config, split, metrics, report_uri)
+        title, metrics, figures, shown_config, provenance))
+    if not ensemble:  # an ensemble's figures belong to no one member's MLflow run
+        run_tracking.log_evaluation(checkpoints[0], configs[0], split, metrics, report_uri)
     malignant = metrics.get("malignant") or {}
     headline = {key: metrics.get(key) for key in HEADLINE_KEYS} | {
         "malignant_sensitivity": malignant.get("sensitivity"), "malignant_specificity": malignant.get("specificity")}
     return {"report": report_uri, "metrics_file": storage.join(out, "metrics.json"), "out": out, "split": split,
-            "tta": tta, "outputs": outputs, "metrics": headline,
+            "checkpoints": normalized, "tta": tta, "outputs": outputs, "metrics": headline,
             "confidence_intervals": metrics["confidence_intervals"], "seconds": round(time.monotonic() - started, 1)}
 
 
