@@ -89,16 +89,22 @@ def test_tta_averages_eight_views(isic_checkpoint, isic2018_manifest_local, tmp_
         evaluate(isic_checkpoint, isic2018_manifest_local, "val", str(tmp_path / "t9"), tta=9)
 
 
+def run_checkpoints(checkpoint: str) -> list[str]:
+    """Every checkpoint the run of ``checkpoint`` kept (the folders, not Ray's snapshot file beside them)."""
+    from pathlib import Path
+
+    members = sorted(str(p) for p in Path(checkpoint).parent.glob("checkpoint_*") if p.is_dir())
+    assert len(members) == 2  # run.checkpoints_to_keep: 2, of the fixture's 2 epochs
+    return members
+
+
 def test_an_ensemble_is_its_members_mean_image_by_image(isic_checkpoint, isic2018_manifest_local, tmp_path):
     """The run's last two checkpoints (epochs 1 and 2) as an ensemble: each image's probabilities are the mean of
     the two members' for that same image, whatever order Ray Data handed the rows back in, and every figure in
     metrics.json is the ensemble's."""
-    from pathlib import Path
-
     from dermray.cli import build_parser
 
-    members = sorted(str(p) for p in Path(isic_checkpoint).parent.glob("checkpoint_*") if p.is_dir())
-    assert len(members) == 2  # run.checkpoints_to_keep: 2
+    members = run_checkpoints(isic_checkpoint)
     for name, checkpoint in (("a", members[0]), ("b", members[1]), ("ab", members)):
         evaluate(checkpoint, isic2018_manifest_local, "val", str(tmp_path / name), bootstrap=0)
 
@@ -116,7 +122,7 @@ def test_an_ensemble_is_its_members_mean_image_by_image(isic_checkpoint, isic201
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, ab.argmax(1)))
     report = (tmp_path / "ab" / "report.html").read_text()
     assert "an ensemble of 2" in report and "member 2" in report and "alt='curves.png'" not in report
-    with pytest.raises(DermrayError, match="named twice"):
+    with pytest.raises(DermrayError, match="give each checkpoint once"):
         evaluate([members[0], members[0]], isic2018_manifest_local, "val", str(tmp_path / "twice"))
     # The command line takes --checkpoint more than once.
     args = build_parser().parse_args(["evaluate", "--checkpoint", members[0], "--checkpoint", members[1],
@@ -163,6 +169,39 @@ def test_predict_over_a_folder_reports_unreadable_images(isic_checkpoint, tmp_pa
     assert good["predicted"].isin(HAM).all()
     with pytest.raises(DermrayError, match="already holds predictions"):
         predict(isic_checkpoint, str(folder), str(tmp_path / "out"))
+
+
+def test_predict_with_an_ensemble_averages_its_members(isic_checkpoint, tmp_path):
+    """predict decodes each image once for every member and writes the mean of their probabilities; members that
+    see images differently (another image size) are refused in one line before any work."""
+    import shutil
+
+    from tests.conftest import data_path
+
+    members = run_checkpoints(isic_checkpoint)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for image in sorted(data_path("isic2018-sample", "images").iterdir())[:24]:
+        (folder / image.name).write_bytes(image.read_bytes())
+
+    def probabilities(checkpoint) -> np.ndarray:
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        summary = predict(checkpoint, str(folder), str(out))
+        assert summary["predicted"] == 24
+        table = pads.dataset(summary["predictions"], format="parquet").to_table().to_pandas()
+        return table.sort_values("image_uri")[[f"p_{c}" for c in HAM]].to_numpy()
+
+    a, b, ab = probabilities(members[0]), probabilities(members[1]), probabilities(members)
+    assert np.abs(a - b).max() > 1e-3  # the members differ, so their mean is neither of them
+    assert np.allclose(ab, (a + b) / 2, atol=1e-5)
+    other = tmp_path / "checkpoint_other_size"
+    shutil.copytree(members[1], other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(meta | {"image_size": 96}))
+    with pytest.raises(DermrayError, match="must share one view"):
+        predict([members[0], str(other)], str(folder), str(tmp_path / "refused"))
+    with pytest.raises(DermrayError, match="give each checkpoint once"):
+        predict([members[0], members[0]], str(folder), str(tmp_path / "twice"))
 
 
 def test_predict_over_a_manifest_on_the_command_line(isic_checkpoint, isic2018_manifest_local, bucket, attached_env):

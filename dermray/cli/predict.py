@@ -25,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "when the cluster has GPUs); unreadable images are reported, not fatal.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint_* folder of a run (local or s3://)")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a checkpoint_* folder of a run (local or s3://); more than once: the runs' ensemble (the "
+                   "mean of their probabilities; the members must share image size and colour handling)")
     p.add_argument("--input", required=True, help="a manifest, or a folder/prefix of images (local or s3://)")
     p.add_argument("--out", required=True, help="output folder or prefix; Parquet goes to <out>/predictions/")
     p.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="{1..8}",

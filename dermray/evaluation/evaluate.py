@@ -28,6 +28,7 @@ from dermray.evaluation.plots import confusion_figure, reliability_figure, roc_f
 from dermray.evaluation.report import render_report
 from dermray.models.checkpoint import (
     checkpoint_eval_preset,
+    ensemble_members,
     melanoma_class_of,
     read_checkpoint_meta,
     read_checkpoint_state,
@@ -206,13 +207,7 @@ def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test"
     started = time.monotonic()
     if tta < 1 or tta > 8:
         raise DermrayError(f"evaluate: --tta must be between 1 (off) and 8 views, got {tta}")
-    checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
-    if not checkpoints:
-        raise DermrayError("evaluate: no checkpoint given")
-    normalized = [storage.normalize(c) for c in checkpoints]
-    if len(set(normalized)) != len(normalized):
-        raise DermrayError("evaluate: the same checkpoint is named twice (an ensemble's members are different "
-                           "checkpoints)")
+    checkpoints = ensemble_members(checkpoint, "evaluate")
     loaded_manifest = read_manifest(manifest)
     # meta.json carries the config; older checkpoints have it only in the (large) state.pt.
     configs = [read_checkpoint_meta(c).get("config") or read_checkpoint_state(c)["config"] for c in checkpoints]
@@ -225,10 +220,10 @@ def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test"
     metrics = evaluate_predictions(result.probs, result.labels, result.classes, result.taxonomy,
                                    result.melanoma_class, bootstrap=bootstrap)
     metrics.update({"split": split, "tta": tta, "unreadable_images": result.dropped,
-                    "trained_on": trained_on, "checkpoints": normalized})
+                    "trained_on": trained_on, "checkpoints": checkpoints})
     ensemble = len(checkpoints) > 1
     default_out = f"eval-{split}-ensemble-{len(checkpoints)}" if ensemble else f"eval-{split}"
-    out = storage.normalize(out or storage.join(normalized[0], default_out))
+    out = storage.normalize(out or storage.join(checkpoints[0], default_out))
     figures = _figures(result, metrics)
     if not ensemble:  # one run's curves; an ensemble has several
         figures.update(_learning_curves(checkpoints[0]))
@@ -245,7 +240,7 @@ def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test"
             "rows": csv.count("\n") - 1, "unreadable_left_out": result.dropped + no_prediction}
     provenance = {
         ("checkpoints (ensemble: the mean of their probabilities)" if ensemble else "checkpoint"):
-            ", ".join(normalized), "manifest": manifest_uri(manifest), "split": split,
+            ", ".join(checkpoints), "manifest": manifest_uri(manifest), "split": split,
         "images evaluated": metrics["images"], "unreadable images (left out)": result.dropped,
         "test-time augmentation views": tta, "dermray": __version__, "evaluated at (UTC)":
         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -260,7 +255,7 @@ def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test"
     headline = {key: metrics.get(key) for key in HEADLINE_KEYS} | {
         "malignant_sensitivity": malignant.get("sensitivity"), "malignant_specificity": malignant.get("specificity")}
     return {"report": report_uri, "metrics_file": storage.join(out, "metrics.json"), "out": out, "split": split,
-            "checkpoints": normalized, "tta": tta, "outputs": outputs, "metrics": headline,
+            "checkpoints": checkpoints, "tta": tta, "outputs": outputs, "metrics": headline,
             "confidence_intervals": metrics["confidence_intervals"], "seconds": round(time.monotonic() - started, 1)}
 
 

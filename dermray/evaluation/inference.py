@@ -57,23 +57,29 @@ def predict_probabilities(loaded: InferenceModel, images: torch.Tensor, tta: int
 
 class Predictor:
     """The Ray Data actor: ``map_batches(Predictor, compute=ActorPoolStrategy(...), fn_constructor_kwargs=...)``.
-    Rows with a non-empty ``error`` column (unreadable images) get NaN probabilities instead of a prediction."""
+    Rows with a non-empty ``error`` column (unreadable images) get NaN probabilities instead of a prediction.
+    Several checkpoints (members of an ensemble that see images alike) give the mean of their probabilities."""
 
-    def __init__(self, checkpoint: str, tta: int = 1, features: bool = False):
+    def __init__(self, checkpoint: str | list[str], tta: int = 1, features: bool = False):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.loaded = load_for_inference(checkpoint, device)
+        checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+        if features and len(checkpoints) > 1:
+            raise ValueError("features come from one model, not an ensemble")
+        self.members = [load_for_inference(c, device) for c in checkpoints]
         self.tta = tta
         self.features = features
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k != "image"}
-        n, k = len(batch["image"]), len(self.loaded.classes)
+        n, k = len(batch["image"]), len(self.members[0].classes)
         good = np.array([not e for e in batch["error"]]) if "error" in batch else np.ones(n, bool)
         probs = np.full((n, k), np.nan, np.float32)
         feats = None
         if good.any():
-            p, f = predict_probabilities(self.loaded, torch.from_numpy(batch["image"][good]), self.tta, self.features)
-            probs[good] = p
+            images = torch.from_numpy(batch["image"][good])
+            results = [predict_probabilities(member, images, self.tta, self.features) for member in self.members]
+            probs[good] = np.mean([p for p, _ in results], axis=0)
+            f = results[0][1]
             if f is not None:
                 feats = np.full((n, f.shape[1]), np.nan, np.float32)
                 feats[good] = f

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,9 +25,10 @@ from dermray.data.ingest import DecodeAndTransform
 from dermray.data.listing import list_data_files
 from dermray.data.manifest import MANIFEST_NAME, read_manifest
 from dermray.data.sources import IMAGE_EXTENSIONS
+from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.evaluation.inference import Predictor, actor_pool
-from dermray.models.checkpoint import checkpoint_eval_preset, read_checkpoint_meta
+from dermray.models.checkpoint import checkpoint_eval_preset, ensemble_members, read_checkpoint_meta
 from dermray.ray_runtime import ensure_ray
 from dermray.taxonomy import coarse_probabilities
 
@@ -66,9 +68,28 @@ def prediction_columns(batch: dict[str, np.ndarray], classes: list[str], tree: d
     return out
 
 
-def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: bool = False) -> dict:
+def ensemble_view(checkpoints: list[str]) -> tuple[dict, EvalPreset]:
+    """The first member's meta and the eval view every member shares; an ensemble whose members differ in classes
+    or in how they see an image (size, crop, colour handling) is refused in one line, since predict decodes each
+    image once for all of them (``evaluate`` runs each member on its own view)."""
+    metas = [read_checkpoint_meta(c) for c in checkpoints]
+    presets = [checkpoint_eval_preset(c, m) for c, m in zip(checkpoints, metas)]
+    for checkpoint, meta, preset in zip(checkpoints[1:], metas[1:], presets[1:]):
+        if list(meta["classes"]) != list(metas[0]["classes"]):
+            raise DermrayError(f"predict: {checkpoint} has classes {meta['classes']}, {checkpoints[0]} has "
+                               f"{metas[0]['classes']}: an ensemble's members predict the same classes")
+        if preset != presets[0]:
+            raise DermrayError(f"predict: {checkpoint} sees images as {preset}, {checkpoints[0]} as {presets[0]}: "
+                               "predict's ensemble members must share one view (evaluate takes mixed ones)")
+    return metas[0], presets[0]
+
+
+def predict(checkpoint: str | Sequence[str], input_uri: str, out: str, tta: int = 1,
+            overwrite: bool = False) -> dict:
+    """Predictions of a checkpoint, or of an ensemble of checkpoints (the mean of their probabilities)."""
     started = time.monotonic()
-    meta = read_checkpoint_meta(checkpoint)
+    checkpoints = ensemble_members(checkpoint, "predict")
+    meta, preset = ensemble_view(checkpoints)
     classes, tree = list(meta["classes"]), meta.get("taxonomy")
     target = storage.join(storage.normalize(out), PREDICTIONS)
     if storage.is_dir(target) and not overwrite:
@@ -77,14 +98,13 @@ def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: 
         storage.delete(target)
     rows, kind = input_rows(input_uri)
     ensure_ray()
-    preset = checkpoint_eval_preset(checkpoint, meta)
     passthrough = tuple(c for c in rows.column_names)
     blocks = max(1, min(rows.num_rows // 32, 200))
     dataset = (
         ray.data.from_arrow(rows).repartition(blocks)
         .map_batches(DecodeAndTransform(preset, keep_failures=True, passthrough=passthrough), batch_size=32,
                      batch_format="numpy")
-        .map_batches(Predictor, fn_constructor_kwargs={"checkpoint": storage.normalize(checkpoint), "tta": tta},
+        .map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoints, "tta": tta},
                      batch_size=64, batch_format="numpy", **actor_pool(ray.cluster_resources()))
         .map_batches(prediction_columns, fn_kwargs={"classes": classes, "tree": tree}, batch_format="numpy")
     )
@@ -97,7 +117,7 @@ def predict(checkpoint: str, input_uri: str, out: str, tta: int = 1, overwrite: 
         print(f"[dermray] predict: unreadable {uri}: {reason}", file=sys.stderr, flush=True)
     counts = Counter(p for p in written["predicted"].to_pylist() if p is not None)
     return {
-        "predictions": target, "input": storage.normalize(input_uri), "input_kind": kind,
+        "predictions": target, "checkpoints": checkpoints, "input": storage.normalize(input_uri), "input_kind": kind,
         "images": written.num_rows, "predicted": written.num_rows - len(errors), "unreadable": len(errors),
         "per_class": {name: counts.get(name, 0) for name in classes}, "tta": tta,
         "seconds": round(time.monotonic() - started, 1),

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,14 @@ from dermray.taxonomy import melanoma_class, taxonomy_tree
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+
+
+def ensemble_members(checkpoint: str | Sequence[str], command: str) -> list[str]:
+    """The normalized URIs of one checkpoint, or of an ensemble's members (the same one named twice refused)."""
+    members = [storage.normalize(c) for c in ([checkpoint] if isinstance(checkpoint, str) else checkpoint)]
+    if not members or len(set(members)) != len(members):
+        raise DermrayError(f"{command}: give each checkpoint once (several different ones make an ensemble)")
+    return members
 
 
 def read_checkpoint_state(checkpoint_uri: str) -> dict:
