@@ -194,6 +194,33 @@ def trained_on_split(config: dict, manifest: str, split: str) -> list[str]:
     return [name for name in split_names(split) if name in trained]
 
 
+def _trained_on_warning(configs: list[dict], manifest: str, split: str) -> list[str]:
+    """The evaluated splits any of the checkpoints (their configs) trained on, with a warning when there are any."""
+    trained_on = sorted({name for config in configs for name in trained_on_split(config, manifest, split)})
+    if trained_on:
+        who = "the checkpoint was" if len(configs) == 1 else "a member of the ensemble was"
+        print(f"[dermray] warning: {who} trained on the '{', '.join(trained_on)}' images of this manifest: its "
+              "figures on them are not a held-out estimate", file=sys.stderr, flush=True)
+    return trained_on
+
+
+def _write_outputs(out: str, result: SplitPredictions, metrics: dict, figures: dict[str, bytes]) -> dict:
+    """The plots, ``predictions.parquet``, ``metrics.json`` and, for ISIC classes, the submission CSV under
+    ``out``; returns the optional outputs written."""
+    for name, png in figures.items():
+        storage.write_bytes(storage.join(out, name), png)
+    storage.write_bytes(storage.join(out, "predictions.parquet"), _predictions_table(result))
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+    outputs = {}
+    layout = isic_format(result.classes)
+    if layout is not None:
+        csv, no_prediction = isic_submission(result, layout)
+        outputs["isic_submission"] = {
+            "file": storage.write_text(storage.join(out, "isic_submission.csv"), csv), "challenge": layout.challenge,
+            "rows": csv.count("\n") - 1, "unreadable_left_out": result.dropped + no_prediction}
+    return outputs
+
+
 def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test", out: str | None = None,
              tta: int = 1, bootstrap: int = 200) -> dict:
     """Evaluate and write ``metrics.json``, the PNG plots, ``predictions.parquet``, ``report.html`` and, for the
@@ -211,11 +238,7 @@ def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test"
     loaded_manifest = read_manifest(manifest)
     # meta.json carries the config; older checkpoints have it only in the (large) state.pt.
     configs = [read_checkpoint_meta(c).get("config") or read_checkpoint_state(c)["config"] for c in checkpoints]
-    trained_on = sorted({name for config in configs for name in trained_on_split(config, manifest, split)})
-    if trained_on:
-        who = "the checkpoint was" if len(checkpoints) == 1 else "a member of the ensemble was"
-        print(f"[dermray] warning: {who} trained on the '{', '.join(trained_on)}' images of this manifest: its "
-              "figures on them are not a held-out estimate", file=sys.stderr, flush=True)
+    trained_on = _trained_on_warning(configs, manifest, split)
     result = ensemble_predictions([predict_split(c, loaded_manifest, split, tta=tta) for c in checkpoints])
     metrics = evaluate_predictions(result.probs, result.labels, result.classes, result.taxonomy,
                                    result.melanoma_class, bootstrap=bootstrap)
@@ -227,17 +250,7 @@ def evaluate(checkpoint: str | Sequence[str], manifest: str, split: str = "test"
     figures = _figures(result, metrics)
     if not ensemble:  # one run's curves; an ensemble has several
         figures.update(_learning_curves(checkpoints[0]))
-    for name, png in figures.items():
-        storage.write_bytes(storage.join(out, name), png)
-    storage.write_bytes(storage.join(out, "predictions.parquet"), _predictions_table(result))
-    storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2))
-    outputs = {}
-    layout = isic_format(result.classes)
-    if layout is not None:
-        csv, no_prediction = isic_submission(result, layout)
-        outputs["isic_submission"] = {
-            "file": storage.write_text(storage.join(out, "isic_submission.csv"), csv), "challenge": layout.challenge,
-            "rows": csv.count("\n") - 1, "unreadable_left_out": result.dropped + no_prediction}
+    outputs = _write_outputs(out, result, metrics, figures)
     provenance = {
         ("checkpoints (ensemble: the mean of their probabilities)" if ensemble else "checkpoint"):
             ", ".join(checkpoints), "manifest": manifest_uri(manifest), "split": split,
