@@ -173,7 +173,8 @@ def test_predict_over_a_folder_reports_unreadable_images(isic_checkpoint, tmp_pa
 
 def test_predict_with_an_ensemble_averages_its_members(isic_checkpoint, tmp_path):
     """predict decodes each image once for every member and writes the mean of their probabilities; members that
-    see images differently (another image size) are refused in one line before any work."""
+    see images differently (another image size) or predict other classes are refused in one line before any
+    work."""
     import shutil
 
     from tests.conftest import data_path
@@ -199,6 +200,9 @@ def test_predict_with_an_ensemble_averages_its_members(isic_checkpoint, tmp_path
     meta = json.loads((other / "meta.json").read_text())
     (other / "meta.json").write_text(json.dumps(meta | {"image_size": 96}))
     with pytest.raises(DermrayError, match="must share one view"):
+        predict([members[0], str(other)], str(folder), str(tmp_path / "refused"))
+    (other / "meta.json").write_text(json.dumps(meta | {"classes": list(reversed(meta["classes"]))}))
+    with pytest.raises(DermrayError, match="predict the same classes"):
         predict([members[0], str(other)], str(folder), str(tmp_path / "refused"))
     with pytest.raises(DermrayError, match="give each checkpoint once"):
         predict([members[0], members[0]], str(folder), str(tmp_path / "twice"))
