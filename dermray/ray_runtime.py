@@ -5,6 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
+
+# The session folder of the Ray instance this process started or joined (its logs are under it): ray.init's
+# context says it, and nothing public says it later.
+_session_dir: str | None = None
 
 
 def ensure_ray() -> None:
@@ -16,7 +21,7 @@ def ensure_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         # Ray's INFO lines about connecting would precede a bad-input error's one line, as they would not locally.
-        ray.init(log_to_driver=True, logging_level="WARNING")
+        _remember_session(ray.init(log_to_driver=True, logging_level="WARNING"))
         return
     store = os.environ.get("DERMRAY_OBJECT_STORE_BYTES")
     start_local_ray(object_store_memory=int(store) if store else None)
@@ -46,11 +51,28 @@ def start_local_ray(num_cpus: int | None = None, object_store_memory: int | None
             del os.environ["RAY_API_SERVER_ADDRESS"]
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = previous
+    _remember_session(context)
     if not (context.dashboard_url or "").endswith(f":{port}"):
         # The port was taken between the probe and the start: the cleaner falls back to Ray's own search.
         logging.getLogger(__name__).warning(
             "Ray's dashboard started at %s, not on port %d: with another Ray instance on this machine, Ray Train "
             "may not free a stopped run's CPUs", context.dashboard_url, port)
+
+
+def _remember_session(context) -> None:
+    global _session_dir
+    _session_dir = (getattr(context, "address_info", None) or {}).get("session_dir")
+
+
+def local_logs_dir() -> tuple[Path, str] | None:
+    """The logs folder of this process's Ray session, where it is on this machine (a local instance, or the
+    head node a job was submitted to), and this process's job id; None when Ray did not run here."""
+    import ray
+
+    if _session_dir is None or not ray.is_initialized():
+        return None
+    logs = Path(_session_dir) / "logs"
+    return (logs, ray.get_runtime_context().get_job_id()) if logs.is_dir() else None
 
 
 def _free_port() -> int:

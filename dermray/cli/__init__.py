@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 
 from dermray.cli import bench, evaluate, explain, nightly, predict, stage, train, tune
 from dermray.errors import DermrayError
@@ -48,18 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    started = time.time()
     try:
         # stdout is the summary's alone: whatever else prints there meanwhile (Ray Tune's trial tables, Ray's
         # forwarding of workers' output) goes to stderr with the rest of the progress output.
         with contextlib.redirect_stdout(sys.stderr):
             summary = COMMANDS[args.command].run(args)
+        aborts = _native_aborts(args.command, started)
+        if aborts:
+            summary["native_worker_aborts"] = aborts
     except DermrayError as error:
+        _native_aborts(args.command, started)
         print(f"dermray {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dermray {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - the contract is one line, never a traceback
+        _native_aborts(args.command, started)
         if os.environ.get("DERMRAY_DEBUG"):
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -70,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(summary, default=str), flush=True)
     return 0
+
+
+def _native_aborts(command: str, started: float) -> dict | None:
+    """Keep the evidence of any Ray worker that aborted natively during the command (see
+    dermray.ray_diagnostics); never the reason a command fails."""
+    if "ray" not in sys.modules:  # the command never started Ray
+        return None
+    from dermray.ray_diagnostics import report_native_aborts
+
+    try:
+        return report_native_aborts(command, started)
+    except Exception as error:  # noqa: BLE001 - a diagnostic must not turn a result into an error
+        print(f"dermray {command}: warning: could not scan Ray's worker logs: {error}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""A Ray worker that aborts natively during a command is reported in one line and its evidence kept.
+
+The abort is real: a Ray worker process calls abort() while a `dermray stage` runs in the same Ray instance, and
+Ray's own signal handler writes the native frames into the worker's log. Only the abseil message that preceded
+the project's real aborts (docs/internals.md) is written by the test, just before it, since no test can make
+abseil's Mutex corrupt on purpose."""
+
+import json
+import os
+import subprocess
+import sys
+
+from dermray.ray_diagnostics import find_native_aborts
+from tests.cluster_helpers import kill_matching
+
+ABORT_DURING_A_COMMAND = r"""
+import json, os, sys, time
+import ray
+from dermray.cli import main
+from dermray.ray_runtime import ensure_ray
+
+out = sys.argv[1]
+ensure_ray()
+
+@ray.remote(num_cpus=0, max_retries=0)
+def get_table_block_metadata_schema(folder):
+    while not os.path.isdir(folder):  # abort once the command is under way
+        time.sleep(0.02)
+    sys.stderr.write("[mutex.cc:1418] Lock: Mutex corrupt: both reader and writer lock held: 0x7f00\n")
+    sys.stderr.flush()
+    os.abort()
+
+doomed = get_table_block_metadata_schema.remote(out)
+first = main(["stage", "synthetic", "--out", out, "--images-per-class", "6", "--image-size", "32"])
+ray.wait([doomed], timeout=30)
+second = main(["stage", "synthetic", "--out", out + "-again", "--images-per-class", "6", "--image-size", "32"])
+sys.exit(first or second)
+"""
+
+
+def test_a_native_abort_during_a_command_is_reported_once_and_kept(tmp_path):
+    temp_dir = f"/tmp/drd-{os.getpid()}"
+    env = dict(os.environ, RAY_TMPDIR=temp_dir, DERMRAY_DIAGNOSTICS_DIR=str(tmp_path / "diagnostics"))
+    env.pop("RAY_ADDRESS", None)
+    try:
+        result = subprocess.run([sys.executable, "-c", ABORT_DURING_A_COMMAND, str(tmp_path / "staged")], env=env,
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        kill_matching([temp_dir])
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = [json.loads(line) for line in result.stdout.splitlines()]
+    assert first["images"] == 6 * 4 and first["skipped"] == 0  # the command's own result stands
+    report = first["native_worker_aborts"]
+    assert report["count"] == 1
+    assert report["first"] == "Lock: Mutex corrupt: both reader and writer lock held: 0x7f00"
+    # The next command in the same Ray instance does not report the earlier command's abort again.
+    assert "native_worker_aborts" not in second
+    warnings = [line for line in result.stderr.splitlines() if "aborted natively" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("dermray stage: warning: 1 Ray worker aborted natively")
+
+    kept = tmp_path / "diagnostics" / os.path.basename(report["kept_in"])
+    assert str(kept) == report["kept_in"]
+    logs = sorted(kept.glob("worker-*.err"))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    # What an upstream report needs: the message, Ray's native frames, and the Python stack that called in.
+    assert "Mutex corrupt" in text and "*** SIGABRT received" in text
+    assert "in get_table_block_metadata_schema" in text
+    versions = json.loads((kept / "versions.json").read_text())
+    assert versions["aborts"] == [{"log": logs[0].name, "message": report["first"],
+                                   "task": "get_table_block_metadata_schema"}]
+    assert versions["packages"]["ray"] and versions["packages"]["pyarrow"]
+    assert versions["cpu"]["cores"] >= 1
+
+
+def _worker_log(folder, name, job, body):
+    path = folder / f"worker-{name}-ffffffff-1.err"
+    path.write_text(f":job_id:{job}\n:task_name:read\n{body}")
+    return path
+
+
+def test_only_this_jobs_aborts_count_and_ordinary_errors_are_not_aborts(tmp_path):
+    _worker_log(tmp_path, "a", "01000000", "*** SIGSEGV received at time=1 on cpu 0 ***\nPC: @ 0x1\n")
+    _worker_log(tmp_path, "b", "02000000", "*** SIGABRT received at time=1 on cpu 0 ***\n")  # another job's
+    _worker_log(tmp_path, "c", "01000000", "Traceback (most recent call last):\nValueError: abort the read\n")
+    _worker_log(tmp_path, "d", "01000000", "[2026-12-07 12:19:44,767 E 1 1] logging.cc:474: *** SIGBUS received"
+                                           " at time=2 on cpu 1 ***\n")
+    found = find_native_aborts(tmp_path, "01000000")
+    assert [(a.log.name.split("-")[1], a.message, a.task) for a in found] == [
+        ("a", "*** SIGSEGV received at time=1 on cpu 0 ***", "read"),
+        ("d", "*** SIGBUS received at time=2 on cpu 1 ***", "read"),
+    ]
+    # Written before the command started: not this command's.
+    assert find_native_aborts(tmp_path, "01000000", since=found[0].log.stat().st_mtime + 60) == []
