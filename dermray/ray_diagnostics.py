@@ -1,8 +1,9 @@
 """Native aborts in Ray's worker processes, found after a command and kept for an upstream report.
 
 A worker that dies of a native abort (SIGABRT, SIGSEGV: a C++ library's bug, such as the ``Mutex corrupt``
-abort in docs/internals.md) is restarted and its task retried by Ray, so the command's outcome stands; what is
-lost is the evidence: the abort's lines scroll past on stderr and Ray's session folder is temporary. After each
+abort in docs/internals.md) is replaced by Ray and its task retried, so the command usually ends as it would
+have; what is lost is the evidence: the abort's lines scroll past on stderr and Ray's session folder is
+temporary. After each
 command that ran Ray, the worker logs this command's job wrote are scanned; each one that holds an abort is kept,
 beside the package versions and the CPU, and one line says where.
 """
