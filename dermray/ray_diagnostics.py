@@ -3,9 +3,8 @@
 A worker that dies of a native abort (SIGABRT, SIGSEGV: a C++ library's bug, such as the ``Mutex corrupt``
 abort in docs/internals.md) is replaced by Ray and its task retried, so the command usually ends as it would
 have; what is lost is the evidence: the abort's lines scroll past on stderr and Ray's session folder is
-temporary. After each
-command that ran Ray, the worker logs this command's job wrote are scanned; each one that holds an abort is kept,
-beside the package versions and the CPU, and one line says where.
+temporary. After each command that ran Ray, the worker logs this command's job wrote are scanned; each one that
+holds an abort is kept (locally or on S3), beside the package versions and the CPU, and one line says where.
 """
 
 from __future__ import annotations
@@ -63,15 +62,17 @@ def _without_log_prefix(line: str) -> str:
     return re.sub(r"^\[[^\]]*\]\s*(\S+\.cc:\d+:\s*)?", "", line)
 
 
-def keep_native_aborts(aborts: list[NativeAbort], destination: Path) -> Path:
-    """Copy each abort's log (its last ``KEPT_BYTES``, credentials redacted) into ``destination`` and write
-    ``versions.json`` beside them: what an upstream report needs and Ray's temporary session folder loses."""
+def keep_native_aborts(aborts: list[NativeAbort], destination: str) -> str:
+    """Copy each abort's log (its last ``KEPT_BYTES``, credentials redacted) into ``destination`` (a folder or
+    ``s3://`` prefix) and write ``versions.json`` beside them: what an upstream report needs and Ray's temporary
+    session folder loses."""
+    from dermray import storage
     from dermray.ops.tracking import redact
 
-    destination.mkdir(parents=True, exist_ok=True)
+    destination = storage.normalize(destination)
     for abort in aborts:
         text = abort.log.read_bytes()[-KEPT_BYTES:].decode(errors="replace")
-        (destination / abort.log.name).write_text(redact(text))
+        storage.write_text(storage.join(destination, abort.log.name), redact(text))
     summary = {
         "aborts": [{"log": a.log.name, "message": a.message, "task": a.task} for a in aborts],
         "python": sys.version.split()[0],
@@ -79,7 +80,7 @@ def keep_native_aborts(aborts: list[NativeAbort], destination: Path) -> Path:
         "cpu": _cpu(),
         "packages": {name: _version(name) for name in PACKAGES},
     }
-    (destination / "versions.json").write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(destination, "versions.json"), json.dumps(summary, indent=2) + "\n")
     return destination
 
 
@@ -116,8 +117,10 @@ def report_native_aborts(command: str, since: float) -> dict[str, object] | None
     aborts = find_native_aborts(logs_dir, job_id, since)
     if not aborts:
         return None
-    base = Path(os.environ.get(ENV_VAR) or "dermray-diagnostics").absolute()
-    kept = keep_native_aborts(aborts, base / f"{logs_dir.parent.name}-{command}")
+    from dermray import storage
+
+    base = os.environ.get(ENV_VAR) or "dermray-diagnostics"
+    kept = keep_native_aborts(aborts, storage.join(base, f"{logs_dir.parent.name}-{command}"))
     workers = "1 Ray worker" if len(aborts) == 1 else f"{len(aborts)} Ray workers"
     print(f"dermray {command}: warning: {workers} aborted natively ({aborts[0].message}); Ray replaces dead "
           f"workers and retries their tasks; the logs and package versions, for a bug report, are kept in {kept} "

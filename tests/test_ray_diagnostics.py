@@ -38,15 +38,19 @@ sys.exit(first or second)
 """
 
 
-def test_a_native_abort_during_a_command_is_reported_once_and_kept(tmp_path):
+def _abort_during_a_command(tmp_path, diagnostics: str) -> subprocess.CompletedProcess:
     temp_dir = f"/tmp/drd-{os.getpid()}"
-    env = dict(os.environ, RAY_TMPDIR=temp_dir, DERMRAY_DIAGNOSTICS_DIR=str(tmp_path / "diagnostics"))
+    env = dict(os.environ, RAY_TMPDIR=temp_dir, DERMRAY_DIAGNOSTICS_DIR=diagnostics)
     env.pop("RAY_ADDRESS", None)
     try:
-        result = subprocess.run([sys.executable, "-c", ABORT_DURING_A_COMMAND, str(tmp_path / "staged")], env=env,
-                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        return subprocess.run([sys.executable, "-c", ABORT_DURING_A_COMMAND, str(tmp_path / "staged")], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     finally:
         kill_matching([temp_dir])
+
+
+def _reported_once(result: subprocess.CompletedProcess) -> dict:
+    """The first command's report, after checking the contract around it; the second command reports nothing."""
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = [json.loads(line) for line in result.stdout.splitlines()]
     assert first["images"] == 6 * 4 and first["skipped"] == 0  # the command's own result stands
@@ -57,20 +61,43 @@ def test_a_native_abort_during_a_command_is_reported_once_and_kept(tmp_path):
     assert "native_worker_aborts" not in second
     warnings = [line for line in result.stderr.splitlines() if "aborted natively" in line]
     assert len(warnings) == 1 and warnings[0].startswith("dermray stage: warning: 1 Ray worker aborted natively")
+    assert report["kept_in"] in warnings[0]
+    return report
 
+
+def _check_kept(log_name: str, log_text: str, versions: dict, report: dict) -> None:
+    # What an upstream report needs: the message, Ray's native frames, and the Python stack that called in.
+    assert "Mutex corrupt" in log_text and "*** SIGABRT received" in log_text
+    assert "in get_table_block_metadata_schema" in log_text
+    assert versions["aborts"] == [{"log": log_name, "message": report["first"],
+                                   "task": "get_table_block_metadata_schema"}]
+    assert versions["packages"]["ray"] and versions["packages"]["pyarrow"]
+    assert versions["cpu"]["cores"] >= 1
+
+
+def test_a_native_abort_during_a_command_is_reported_once_and_kept(tmp_path):
+    report = _reported_once(_abort_during_a_command(tmp_path, str(tmp_path / "diagnostics")))
     kept = tmp_path / "diagnostics" / os.path.basename(report["kept_in"])
     assert str(kept) == report["kept_in"]
     logs = sorted(kept.glob("worker-*.err"))
     assert len(logs) == 1
-    text = logs[0].read_text()
-    # What an upstream report needs: the message, Ray's native frames, and the Python stack that called in.
-    assert "Mutex corrupt" in text and "*** SIGABRT received" in text
-    assert "in get_table_block_metadata_schema" in text
-    versions = json.loads((kept / "versions.json").read_text())
-    assert versions["aborts"] == [{"log": logs[0].name, "message": report["first"],
-                                   "task": "get_table_block_metadata_schema"}]
-    assert versions["packages"]["ray"] and versions["packages"]["pyarrow"]
-    assert versions["cpu"]["cores"] >= 1
+    _check_kept(logs[0].name, logs[0].read_text(), json.loads((kept / "versions.json").read_text()), report)
+
+
+def test_the_evidence_can_be_kept_on_s3(tmp_path, s3_client, bucket):
+    # A nightly run on a cluster has no local disk anyone looks at: the same folder, under an s3:// prefix.
+    report = _reported_once(_abort_during_a_command(tmp_path, f"s3://{bucket}/diagnostics"))
+    prefix = report["kept_in"].removeprefix(f"s3://{bucket}/")
+    assert report["kept_in"].startswith(f"s3://{bucket}/diagnostics/session_")
+    keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"])
+    logs = [k for k in keys if os.path.basename(k).startswith("worker-")]
+    assert len(logs) == 1 and keys == sorted([logs[0], f"{prefix}/versions.json"])
+
+    def read(key: str) -> str:
+        return s3_client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+    _check_kept(os.path.basename(logs[0]), read(logs[0]), json.loads(read(f"{prefix}/versions.json")), report)
+    assert not (tmp_path / "dermray-diagnostics").exists()  # nothing written locally instead
 
 
 def _worker_log(folder, name, job, body):

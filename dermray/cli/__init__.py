@@ -89,7 +89,8 @@ def _native_aborts(command: str, started: float) -> dict | None:
     try:
         return report_native_aborts(command, started)
     except Exception as error:  # noqa: BLE001 - a diagnostic must not turn a result into an error
-        print(f"dermray {command}: warning: could not scan Ray's worker logs: {error}", file=sys.stderr)
+        print(f"dermray {command}: warning: could not check Ray's worker logs for native aborts: {error}",
+              file=sys.stderr)
         return None
 
 
