@@ -28,7 +28,7 @@ from dermray.config import Config
 from dermray.data.transforms import EvalPreset
 from dermray.errors import DermrayError
 from dermray.models.backbones import build_model
-from dermray.taxonomy import melanoma_class, taxonomy_tree
+from dermray.models.identity import ModelIdentity
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -60,22 +60,6 @@ def read_checkpoint_meta(checkpoint_uri: str) -> dict:
     if not storage.exists(uri):
         raise DermrayError(f"checkpoint: no {META_FILE} in {checkpoint_uri} (pass a checkpoint_* folder of a run)")
     return json.loads(storage.read_text(uri))
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a checkpoint is a model of, beyond its weights: written into every checkpoint of a run."""
-
-    classes: list[str]
-    taxonomy: dict[str, list[str]] | None
-    melanoma_class: str | None
-    config: dict  # the resolved experiment config, as JSON
-
-    @classmethod
-    def of(cls, config: Config, classes: list[str], taxonomy: str | None) -> ModelIdentity:
-        """The identity of a model of ``config`` trained on ``classes`` of a manifest with ``taxonomy``."""
-        return cls(classes=classes, taxonomy=taxonomy_tree(taxonomy, classes),
-                   melanoma_class=melanoma_class(taxonomy, classes), config=config.model_dump(mode="json"))
 
 
 def write_checkpoint(directory: str, identity: ModelIdentity, model: nn.Module, optimizer, scheduler, epoch: int,

@@ -28,20 +28,21 @@ from dermray.errors import DermrayError
 from dermray.evaluation.curves import curves_figure
 from dermray.models.backbones import build_model
 from dermray.models.checkpoint import (
-    ModelIdentity,
     eval_preset_of,
     read_checkpoint_meta,
     read_history,
     read_ray_checkpoint_meta,
     warm_start_mismatch,
 )
+from dermray.models.identity import ModelIdentity
 from dermray.ops import run_tracking
 from dermray.ops.run_tracking import TrackedRun
 from dermray.ray_runtime import debug_enabled, ensure_ray
 from dermray.train.callbacks import StopOnInputError
 from dermray.train.feature_cache import head_datasets
+from dermray.train.inputs import WorkerInputs
 from dermray.train.sizing import cpus_per_worker
-from dermray.train.worker import WorkerInputs, train_loop_per_worker
+from dermray.train.worker import train_loop_per_worker
 
 
 def embedded_manifest(config: Config) -> str:

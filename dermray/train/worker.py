@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,8 @@ from dermray.models.backbones import (
     head_parameters,
     set_backbone_trainable,
 )
-from dermray.models.checkpoint import STATE_FILE, ModelIdentity, initial_model, write_checkpoint
+from dermray.models.checkpoint import STATE_FILE, initial_model, write_checkpoint
+from dermray.models.identity import ModelIdentity
 from dermray.ray_runtime import keep_off_console
 from dermray.train.engine import (
     batch_mixer,
@@ -51,25 +52,8 @@ from dermray.train.engine import (
     weight_average,
 )
 from dermray.train.feature_cache import HEAD_DATASETS
+from dermray.train.inputs import WorkerInputs
 from dermray.train.progress import ProgressLine
-
-
-@dataclass(frozen=True)
-class WorkerInputs:
-    """Everything the driver decided that every worker needs, passed as ``train_loop_config["inputs"]``."""
-
-    identity: ModelIdentity  # classes, taxonomy, melanoma class, resolved config (JSON): into every checkpoint
-    train_rows: int  # rows of the training split (for the schedule's steps per epoch)
-    class_weights: list[float] | None = None  # the weighted loss's, when train.imbalance is weighted_loss
-    # False only for a pilot split smaller than one batch: its partial batch is all there is to train on.
-    drop_last: bool = True
-    torch_threads: int | None = None  # CPU workers: the CPUs each was given
-    continue_from: Any = None  # a ray.train.Checkpoint a new run starts from (a PBT trial's takeover)
-    # train.head_on_cached_features: the fingerprint of the backbone the cached features came from (else None).
-    cached_features_of: str | None = None
-    debug: bool = False  # DERMRAY_DEBUG: worker tracebacks stay on the console
-    # Rank 0 calls each with (metrics, epoch number) after every epoch: the MLflow run's EpochLogger.log.
-    epoch_observers: list = field(default_factory=list)
 
 
 @dataclass
