@@ -1,8 +1,8 @@
 """What the driver hands every Train worker, in a module of its own.
 
 Ray Train's controller unpickles ``train_loop_config`` when it starts: defined beside the training function
-(torch, torchvision, scikit-learn), ``WorkerInputs`` made every run's controller import all of them first, about
-3 s of a one-epoch run's 19 s on 2 CPUs (docs/internals.md). Only the workers need the heavy modules.
+(torch, torchvision, scikit-learn), ``WorkerInputs`` made every run's controller import all of them first: 2.6 s
+of a one-epoch run's 16-23 s on 2 CPUs (docs/internals.md). Only the workers need the heavy modules.
 """
 
 from __future__ import annotations
