@@ -11,14 +11,17 @@ import sys
 
 from dermray.config import load_config
 from dermray.models.identity import ModelIdentity
+from dermray.ops.tracking import EpochLogger
 from dermray.train.inputs import WorkerInputs
 
-HEAVY = ("torchvision", "sklearn", "dermray.train.worker", "dermray.models.checkpoint")
+HEAVY = ("torchvision", "sklearn", "mlflow", "dermray.train.worker", "dermray.models.checkpoint")
 
 
 def test_unpickling_the_worker_inputs_imports_no_model_or_metrics_library():
     config = load_config(None, ["model.backbone=small_cnn"])
-    inputs = WorkerInputs(identity=ModelIdentity.of(config, ["mel", "nv"], "ham10000"), train_rows=48)
+    # With an MLflow run's epoch logger too, as a tracked run passes it.
+    inputs = WorkerInputs(identity=ModelIdentity.of(config, ["mel", "nv"], "ham10000"), train_rows=48,
+                          epoch_observers=[EpochLogger("http://127.0.0.1:5000", "0" * 32).log])
     probe = ("import pickle, sys; inputs = pickle.loads(sys.stdin.buffer.read())[\"inputs\"]; "
              f"print(inputs.identity.classes, [m for m in {HEAVY!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", probe], input=pickle.dumps({"inputs": inputs}),
