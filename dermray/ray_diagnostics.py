@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermray import storage
+
 # What a native abort leaves in a Ray worker's .err: abseil's failure signal handler (installed in every Ray
 # worker) prints "*** SIGABRT received at time=...", and abseil's Mutex names its corruption before aborting.
 _ABORT = re.compile(r"\*\*\* SIG(ABRT|SEGV|BUS|ILL|FPE) received|Mutex corrupt")
@@ -66,7 +68,6 @@ def keep_native_aborts(aborts: list[NativeAbort], destination: str) -> str:
     """Copy each abort's log (its last ``KEPT_BYTES``, credentials redacted) into ``destination`` (a folder or
     ``s3://`` prefix) and write ``versions.json`` beside them: what an upstream report needs and Ray's temporary
     session folder loses."""
-    from dermray import storage
     from dermray.ops.tracking import redact
 
     destination = storage.normalize(destination)
@@ -117,8 +118,6 @@ def report_native_aborts(command: str, since: float) -> dict[str, object] | None
     aborts = find_native_aborts(logs_dir, job_id, since)
     if not aborts:
         return None
-    from dermray import storage
-
     base = os.environ.get(ENV_VAR) or "dermray-diagnostics"
     kept = keep_native_aborts(aborts, storage.join(base, f"{logs_dir.parent.name}-{command}"))
     workers = "1 Ray worker" if len(aborts) == 1 else f"{len(aborts)} Ray workers"

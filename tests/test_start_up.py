@@ -5,9 +5,10 @@ beside the training function, that pulled torchvision, scikit-learn and the whol
 controller: about 2.6 s on 2 CPUs, on the critical path of every run, sweep trial and nightly cycle.
 """
 
-import pickle
 import subprocess
 import sys
+
+from ray import cloudpickle
 
 from dermray.config import load_config
 from dermray.models.identity import ModelIdentity
@@ -24,7 +25,8 @@ def test_unpickling_the_worker_inputs_imports_no_model_or_metrics_library():
                           epoch_observers=[EpochLogger("http://127.0.0.1:5000", "0" * 32).log])
     probe = ("import pickle, sys; inputs = pickle.loads(sys.stdin.buffer.read())[\"inputs\"]; "
              f"print(inputs.identity.classes, [m for m in {HEAVY!r} if m in sys.modules])")
-    result = subprocess.run([sys.executable, "-c", probe], input=pickle.dumps({"inputs": inputs}),
+    # Serialised as Ray does it (cloudpickle); read back as the controller does, in a fresh process.
+    result = subprocess.run([sys.executable, "-c", probe], input=cloudpickle.dumps({"inputs": inputs}),
                             capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert result.stdout.decode().strip() == "['mel', 'nv'] []"
