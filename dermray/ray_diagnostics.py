@@ -22,7 +22,7 @@ from dermray import storage
 
 # What a native abort leaves in a Ray worker's .err: abseil's failure signal handler (installed in every Ray
 # worker) prints "*** SIGABRT received at time=...", and abseil's Mutex names its corruption before aborting.
-_ABORT = re.compile(r"\*\*\* SIG(ABRT|SEGV|BUS|ILL|FPE) received|Mutex corrupt")
+ABORT_PATTERN = re.compile(r"\*\*\* SIG(ABRT|SEGV|BUS|ILL|FPE) received|Mutex corrupt")
 _JOB_LINE = re.compile(r"^:job_id:([0-9a-f]+)$", re.MULTILINE)
 _TASK_LINE = re.compile(r"^:(?:task|actor)_name:(.+)$", re.MULTILINE)
 PACKAGES = ("ray", "pyarrow", "torch", "torchvision", "numpy", "grpcio", "protobuf", "pillow", "pandas")
@@ -49,16 +49,16 @@ def find_native_aborts(logs_dir: Path, job_id: str, since: float = 0.0) -> list[
             text = log.read_text(errors="replace")
         except OSError:  # a worker's log can go with its session while this runs
             continue
-        match = _ABORT.search(text)
+        match = ABORT_PATTERN.search(text)
         if match is None or job_id not in _JOB_LINE.findall(text[:match.start()]):
             continue
         line = text[text.rfind("\n", 0, match.start()) + 1:].split("\n", 1)[0].strip()
         tasks = _TASK_LINE.findall(text[:match.start()])
-        aborts.append(NativeAbort(log=log, message=_without_log_prefix(line), task=tasks[-1].strip() if tasks else ""))
+        aborts.append(NativeAbort(log=log, message=without_log_prefix(line), task=tasks[-1].strip() if tasks else ""))
     return aborts
 
 
-def _without_log_prefix(line: str) -> str:
+def without_log_prefix(line: str) -> str:
     """``[mutex.cc:1234] Lock: Mutex corrupt...`` or ``[2026-... E 1 1] logging.cc:474: *** SIGABRT...``: the
     message alone."""
     return re.sub(r"^\[[^\]]*\]\s*(\S+\.cc:\d+:\s*)?", "", line)

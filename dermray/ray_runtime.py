@@ -62,6 +62,10 @@ def start_local_ray(num_cpus: int | None = None, object_store_memory: int | None
 def _remember_session(context) -> None:
     global _session_dir
     _session_dir = (getattr(context, "address_info", None) or {}).get("session_dir")
+    if not debug_enabled():
+        from dermray.ray_console import quiet_native_crash_dumps
+
+        quiet_native_crash_dumps()  # a dying worker's native stack: one line on the console, not forty
 
 
 def local_logs_dir() -> tuple[Path, str] | None:

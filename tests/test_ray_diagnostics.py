@@ -38,10 +38,13 @@ sys.exit(first or second)
 """
 
 
-def _abort_during_a_command(tmp_path, diagnostics: str) -> subprocess.CompletedProcess:
+def _abort_during_a_command(tmp_path, diagnostics: str, debug: bool = False) -> subprocess.CompletedProcess:
     temp_dir = f"/tmp/drd-{os.getpid()}"
     env = dict(os.environ, RAY_TMPDIR=temp_dir, DERMRAY_DIAGNOSTICS_DIR=diagnostics)
     env.pop("RAY_ADDRESS", None)
+    env.pop("DERMRAY_DEBUG", None)
+    if debug:
+        env["DERMRAY_DEBUG"] = "1"
     try:
         return subprocess.run([sys.executable, "-c", ABORT_DURING_A_COMMAND, str(tmp_path / "staged")], env=env,
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -62,7 +65,17 @@ def _reported_once(result: subprocess.CompletedProcess) -> dict:
     warnings = [line for line in result.stderr.splitlines() if "aborted natively" in line]
     assert len(warnings) == 1 and warnings[0].startswith("dermray stage: warning: 1 Ray worker aborted natively")
     assert report["kept_in"] in warnings[0]
+    # The dying worker's native dump is one line on the console; its frames stay in the worker's log.
+    died = [line for line in result.stderr.splitlines() if "[dermray] this Ray worker died natively" in line]
+    assert len(died) == 1 and "(Lock: Mutex corrupt: both reader and writer lock held: 0x7f00)" in died[0]
+    for dump_line in NATIVE_DUMP:
+        assert dump_line not in result.stderr
     return report
+
+
+# What the dump of a dying Ray worker prints: abseil's signal handler, then Python's faulthandler.
+NATIVE_DUMP = ("*** SIGABRT received", "PC: @", "Fatal Python error: Aborted", "Stack (most recent call first)",
+               "Extension modules:")
 
 
 def _check_kept(log_name: str, log_text: str, versions: dict, report: dict) -> None:
@@ -98,6 +111,15 @@ def test_the_evidence_can_be_kept_on_s3(tmp_path, s3_client, bucket):
 
     _check_kept(os.path.basename(logs[0]), read(logs[0]), json.loads(read(f"{prefix}/versions.json")), report)
     assert not (tmp_path / "dermray-diagnostics").exists()  # nothing written locally instead
+
+
+def test_with_dermray_debug_the_native_dump_reaches_the_console(tmp_path):
+    result = _abort_during_a_command(tmp_path, str(tmp_path / "diagnostics"), debug=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for dump_line in NATIVE_DUMP:
+        assert dump_line in result.stderr
+    assert "[dermray] this Ray worker died natively" not in result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["native_worker_aborts"]["count"] == 1
 
 
 def _worker_log(folder, name, job, body):
