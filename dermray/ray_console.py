@@ -22,8 +22,16 @@ from collections.abc import Callable
 from dermray.ray_diagnostics import ABORT_PATTERN, without_log_prefix
 
 # What starts a worker's dying words on stderr: the abort's own message, abseil's signal handler, or Python's
-# faulthandler (on in every Ray worker). Everything that worker writes to stderr after it is the same dump.
+# faulthandler (on in every Ray worker).
 _DUMP_START = re.compile(ABORT_PATTERN.pattern + r"|^Fatal Python error: ")
+# What the rest of a dump is made of. A dump ends at the first line that is none of these (a process id can come
+# back as a new worker later in a long job, whose lines must show).
+_DUMP_LINE = re.compile(
+    r"^\s*$"  # faulthandler's blank lines
+    r"|^(\[[^\]]*\]\s*(\S+\.cc:\d+:\s*)?)?(\*\*\* SIG|PC: @|\s+@\s)"  # abseil's frames, raw and via Ray's logger
+    r"|^(Fatal Python error|Python runtime state:|Stack \(most recent call first\)|Current thread 0x|Thread 0x"
+    r"|Extension modules:|  File \"|  <no Python frame>|  Garbage-collecting)"
+)
 _PRINTER = "ray_print_logs"
 
 
@@ -32,7 +40,7 @@ class CrashDumpFilter:
 
     def __init__(self, printer: Callable[[dict], None]) -> None:
         self.printer = printer
-        self.dying: set[tuple[str, str]] = set()  # (node ip, pid) of the workers whose dump has started
+        self.dying: set[tuple[str, str]] = set()  # (node ip, pid) of the workers whose dump is printing
 
     def __call__(self, data: dict) -> None:
         if data.get("is_err") and data.get("pid") not in (None, "raylet", "autoscaler"):
@@ -46,7 +54,9 @@ class CrashDumpFilter:
         kept = []
         for line in lines:
             if worker in self.dying:
-                continue
+                if _DUMP_LINE.search(line):
+                    continue
+                self.dying.discard(worker)
             if _DUMP_START.search(line):
                 self.dying.add(worker)
                 kept.append(f"[dermray] this Ray worker died natively ({without_log_prefix(line.strip())}); its "

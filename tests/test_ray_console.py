@@ -48,6 +48,17 @@ def test_each_dying_worker_gets_its_line_and_a_faulthandler_only_dump_counts():
     assert "(Fatal Python error: Segmentation fault)" in printed[2][1]
 
 
+def test_a_dump_ends_at_its_first_line_that_is_not_part_of_one():
+    # A long job can see the dead worker's process id again, as a new worker whose lines must show.
+    printed = _filtered([
+        _batch(7, ["*** SIGABRT received at time=1 on cpu 0 ***", "    @     0x7f8f08e51050  150947600  (unknown)",
+                   "Fatal Python error: Aborted", "", "Stack (most recent call first):",
+                   '  File "/ray/_private/worker.py", line 1069 in main_loop', "Extension modules: numpy (total: 1)"]),
+        _batch(7, ["a new worker's warning"]),
+    ])
+    assert len(printed) == 2 and printed[1] == (7, "a new worker's warning")
+
+
 def test_raylet_lines_and_ordinary_errors_are_untouched():
     raylet = {"ip": "10.0.0.1", "pid": "raylet", "is_err": True, "lines": ["*** SIGABRT received by the raylet"]}
     assert _filtered([raylet, _batch(3, ["WARNING: 2 images skipped"])]) == [
