@@ -24,11 +24,11 @@ from dermray.ray_diagnostics import ABORT_PATTERN, without_log_prefix
 # What starts a worker's dying words on stderr: the abort's own message, abseil's signal handler, or Python's
 # faulthandler (on in every Ray worker).
 _DUMP_START = re.compile(ABORT_PATTERN.pattern + r"|^Fatal Python error: ")
-# What the rest of a dump is made of. A dump ends at the first line that is none of these (a process id can come
-# back as a new worker later in a long job, whose lines must show).
+# What the rest of a dump is made of, once Ray's log prefix is off (without_log_prefix). A dump ends at the first
+# line that is none of these (a process id can come back as a new worker later in a long job, whose lines must show).
 _DUMP_LINE = re.compile(
     r"^\s*$"  # faulthandler's blank lines
-    r"|^(\[[^\]]*\]\s*(\S+\.cc:\d+:\s*)?)?(\*\*\* SIG|PC: @|\s+@\s)"  # abseil's frames, raw and via Ray's logger
+    r"|^(\*\*\* SIG|PC: @|\s*@\s)"  # abseil's frames (indented, or not once a prefix is off)
     r"|^(Fatal Python error|Python runtime state:|Stack \(most recent call first\)|Current thread 0x|Thread 0x"
     r"|Extension modules:|  File \"|  <no Python frame>|  Garbage-collecting)"
 )
@@ -54,7 +54,7 @@ class CrashDumpFilter:
         kept = []
         for line in lines:
             if worker in self.dying:
-                if _DUMP_LINE.search(line):
+                if _DUMP_LINE.search(without_log_prefix(line)):
                     continue
                 self.dying.discard(worker)
             if _DUMP_START.search(line):
@@ -67,8 +67,8 @@ class CrashDumpFilter:
         return kept
 
 
-def quiet_native_crash_dumps() -> bool:
-    """Wrap the printer ``ray.init`` registered in this process (once per ``ray.init``). True when wrapped."""
+def quiet_native_crash_dumps() -> None:
+    """Wrap the printer ``ray.init`` registered in this process (once per ``ray.init``)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -76,7 +76,6 @@ def quiet_native_crash_dumps() -> bool:
             for index, (name, handler) in enumerate(dispatcher.handlers):
                 if name == _PRINTER and not isinstance(handler, CrashDumpFilter):
                     dispatcher.handlers[index] = (name, CrashDumpFilter(handler))
-                    return True
+                    return
     except (ImportError, AttributeError, TypeError, ValueError):
         pass  # a Ray whose internals moved: the dump prints as it does without dermray
-    return False

@@ -38,7 +38,8 @@ def test_a_dump_split_across_batches_is_one_line_and_other_workers_pass_through(
 def test_each_dying_worker_gets_its_line_and_a_faulthandler_only_dump_counts():
     printed = _filtered([
         _batch(7, ["[2026-12-07 12:19:44,767 E 7 7] logging.cc:474: *** SIGSEGV received at time=2 on cpu 1 ***",
-                   "[2026-12-07 12:19:44,768 E 7 7] logging.cc:474: PC: @ 0x1 (unknown) (unknown)"]),
+                   "[2026-12-07 12:19:44,768 E 7 7] logging.cc:474: PC: @ 0x1 (unknown) (unknown)",
+                   "[2026-12-07 12:19:44,768 E 7 7] logging.cc:474:     @     0x2  150947600  (unknown)"]),
         _batch(7, ["line of worker 7 on another node"], ip="10.0.0.2"),
         _batch(9, ["Fatal Python error: Segmentation fault", "", "Current thread 0x1 (most recent call first):"]),
     ])
