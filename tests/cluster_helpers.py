@@ -36,7 +36,7 @@ def _node_ports(ports: list[int]) -> list[str]:
     return [f"{name}={port}" for name, port in zip(names, ports)]
 
 
-def _processes() -> dict[int, tuple[int, str]]:
+def processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line and environment) for every live process, read from /proc.
 
     The environment counts because Ray renames its worker processes (``ray::TrainController``), and once their
@@ -65,7 +65,7 @@ def _processes() -> dict[int, tuple[int, str]]:
 def kill_matching(markers: list[str], timeout: float = 30.0) -> int:
     """SIGKILL every process whose command line or environment holds one of ``markers``, and all of their
     descendants, and wait until they are gone (so none of them writes anything afterwards)."""
-    table = _processes()
+    table = processes()
     roots = {pid for pid, (_, text) in table.items() if any(m in text for m in markers)}
     roots.discard(os.getpid())
     victims, frontier = set(roots), set(roots)
@@ -78,7 +78,7 @@ def kill_matching(markers: list[str], timeout: float = 30.0) -> int:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and victims & set(_processes()):
+    while time.monotonic() < deadline and victims & set(processes()):
         time.sleep(0.1)
     return len(victims)
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,15 +140,30 @@ def bucket(s3_client) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint, tmp_path_factory):
-    """One real local Ray instance for the session: 2 CPUs, a capped object store."""
+    """One real local Ray instance for the session: 2 CPUs, a capped object store. Its processes inherit a marker
+    of this session, so that teardown can remove any that outlive ``ray.shutdown()``: once in a full run
+    (2026-12-08), a TrainController logged "Shutdown complete" and then hung in its exit for half an hour, re-parented
+    to init. With pytest-xdist each worker has its own instance and marker."""
     import ray
 
     from dermray.ray_runtime import start_local_ray
+    from tests.cluster_helpers import kill_matching, processes
 
+    marker = f"DERMRAY_TEST_RAY_SESSION={uuid.uuid4().hex}"
     if not ray.is_initialized():
+        os.environ["DERMRAY_TEST_RAY_SESSION"] = marker.split("=", 1)[1]  # inherited by every Ray process
         start_local_ray(num_cpus=2, object_store_memory=600 * 1024 * 1024)
     yield ray
     ray.shutdown()
+    def still_running() -> bool:
+        return any(marker in text for pid, (_, text) in processes().items() if pid != os.getpid())
+
+    deadline = time.monotonic() + 30  # shutdown returns before its processes have exited: give them the time
+    while time.monotonic() < deadline and still_running():
+        time.sleep(0.5)
+    left = kill_matching([marker], timeout=10)
+    if left:
+        warnings.warn(f"{left} process(es) of the session's Ray instance outlived ray.shutdown(); killed", stacklevel=1)
 
 
 @pytest.fixture
