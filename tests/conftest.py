@@ -155,6 +155,7 @@ def ray_local(s3_endpoint, tmp_path_factory):
         start_local_ray(num_cpus=2, object_store_memory=600 * 1024 * 1024)
     yield ray
     ray.shutdown()
+
     def still_running() -> bool:
         return any(marker in text for pid, (_, text) in processes().items() if pid != os.getpid())
 
@@ -163,7 +164,8 @@ def ray_local(s3_endpoint, tmp_path_factory):
         time.sleep(0.5)
     left = kill_matching([marker], timeout=10)
     if left:
-        warnings.warn(f"{left} process(es) of the session's Ray instance outlived ray.shutdown(); killed", stacklevel=1)
+        warnings.warn(f"{left} process(es) started in this test session (its Ray instance's, or commands' it ran) "
+                      "were still running 30 s after ray.shutdown(); killed", stacklevel=1)
 
 
 @pytest.fixture
