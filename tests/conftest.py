@@ -149,9 +149,10 @@ def ray_local(s3_endpoint, tmp_path_factory):
     from dermray.ray_runtime import start_local_ray
     from tests.cluster_helpers import kill_matching, processes
 
-    marker = f"DERMRAY_TEST_RAY_SESSION={uuid.uuid4().hex}"
+    session = uuid.uuid4().hex
+    marker = f"DERMRAY_TEST_RAY_SESSION={session}"
     if not ray.is_initialized():
-        os.environ["DERMRAY_TEST_RAY_SESSION"] = marker.split("=", 1)[1]  # inherited by every Ray process
+        os.environ["DERMRAY_TEST_RAY_SESSION"] = session  # inherited by every Ray process
         start_local_ray(num_cpus=2, object_store_memory=600 * 1024 * 1024)
     yield ray
     ray.shutdown()
